@@ -1,0 +1,1 @@
+"""spotex edge package."""
