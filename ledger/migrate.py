@@ -49,7 +49,8 @@ async def migrate(dsn: str) -> list[str]:
                        sha256 text NOT NULL,
                        applied_at timestamptz NOT NULL DEFAULT now())"""
             )
-            done = {r["version"]: r["sha256"] for r in await conn.fetch("SELECT version, sha256 FROM schema_migrations")}
+            rows = await conn.fetch("SELECT version, sha256 FROM schema_migrations")
+            done = {r["version"]: r["sha256"] for r in rows}
             for version, name, path in migration_files():
                 sql = path.read_text()
                 digest = hashlib.sha256(sql.encode()).hexdigest()

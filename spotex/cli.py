@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -118,6 +117,29 @@ def up(data_dir: str | None, config: str | None, detach: bool, no_demo: bool, ti
     except KeyboardInterrupt:
         pass
     click.echo("spotex stopped.")
+
+
+@main.command()
+@stack_options
+@click.option("--no-demo", is_flag=True, help="Do not fund demo accounts or run the demo trader.")
+@click.pass_context
+def run(ctx: click.Context, data_dir: str | None, config: str | None, no_demo: bool) -> None:
+    """`make run`: start the stack and open the cockpit on top; leaving the cockpit stops the stack.
+
+    Without a terminal (or before the cockpit is installed) it runs `up` in the foreground."""
+    try:
+        importlib.import_module("cockpit.app")
+        has_cockpit = True
+    except ModuleNotFoundError:
+        has_cockpit = False
+    if not (has_cockpit and sys.stdin.isatty() and sys.stdout.isatty()):
+        ctx.invoke(up, data_dir=data_dir, config=config, detach=False, no_demo=no_demo, timeout=90.0)
+        return
+    ctx.invoke(up, data_dir=data_dir, config=config, detach=True, no_demo=no_demo, timeout=120.0)
+    try:
+        ctx.invoke(main.commands["cockpit"], data_dir=data_dir, config=config)
+    finally:
+        ctx.invoke(down, data_dir=data_dir, config=config, timeout=60.0)
 
 
 def _up_detached(env: Env, demo: bool, config: str | None, timeout: float) -> None:
@@ -236,8 +258,8 @@ def down(data_dir: str | None, config: str | None, timeout: float) -> None:
     if not state:
         click.echo(f"no stack has run on {env.data.root}")
         return
-    sup = state.get("supervisor_pid")
-    if pid_alive(sup):
+    sup = int(state.get("supervisor_pid") or 0)
+    if sup and pid_alive(sup):
         os.kill(sup, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while pid_alive(sup) and time.monotonic() < deadline:

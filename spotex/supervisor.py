@@ -405,9 +405,9 @@ class Supervisor:
     async def start(self) -> None:
         self._acquire_lock()
         self.phase = "starting"
-        self.plan()
-        self.write_state()
         try:
+            self.plan()
+            self.write_state()
             for c in self.components:
                 await self.start_component(c)
         except BaseException as exc:

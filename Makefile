@@ -1,0 +1,41 @@
+# The two commands of README.md. Everything else is reached through the `spotex` CLI.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test install install-dev lint typecheck pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Re-install only when the project's metadata changed.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## make run: install, start the exchange on embedded services and open the cockpit on top.
+run: install
+	$(BIN)/spotex run
+
+## make test: install with dev extras; ruff, mypy (strict on core/), then the whole pytest suite.
+test: install-dev lint typecheck pytest
+
+lint:
+	$(BIN)/ruff check .
+
+typecheck:
+	$(BIN)/mypy core spotex ledger edge jobs cockpit benchmarks
+
+pytest:
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) build .spotex

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from core.obs import JsonFormatter, ProbeServer, redact
+from spotex.embedded import check_http
+
+
+def test_redact_masks_secret_keys_and_values() -> None:
+    data = {
+        "dsn": "postgresql://u:pw@h/db",
+        "nested": {"api_key": "k", "note": "mail bob@example.com now"},
+        "url": "nats://user:pass@nats:4222",
+        "sig": "ab" * 32,
+        "qty": 5,
+    }
+    out = redact(data)
+    assert out["dsn"] == "***"
+    assert out["nested"]["api_key"] == "***"
+    assert "bob@example.com" not in out["nested"]["note"]
+    assert out["url"] == "nats://***:***@nats:4222"
+    assert out["sig"] == "***"
+    assert out["qty"] == 5
+
+
+def test_json_formatter_redacts_extras() -> None:
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "login from %s", ("alice@example.com",), None)
+    rec.password = "p4ss"
+    line = json.loads(JsonFormatter("edge").format(rec))
+    assert line["service"] == "edge" and line["level"] == "INFO"
+    assert "alice@example.com" not in line["msg"]
+    assert line["password"] == "***"
+
+
+async def test_probe_server_ready_and_not_ready() -> None:
+    state = {"reason": "postgres: connection refused"}
+
+    async def dep() -> str | None:
+        return state["reason"]
+
+    srv = ProbeServer("127.0.0.1", 0, service="t", readiness=[("db", dep)])
+    port = await srv.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert await check_http(base + "/healthz") is None
+        reason = await check_http(base + "/readyz")
+        assert reason is not None and "503" in reason and "connection refused" in reason
+        state["reason"] = None
+        assert await check_http(base + "/readyz") is None
+        assert await check_http(base + "/metrics") is None
+        missing = await check_http(base + "/nope")
+        assert missing is not None and "404" in missing
+    finally:
+        await srv.stop()
+    await asyncio.sleep(0)

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spotex.config import Config, ConfigError, load_config, masked
+
+
+def test_defaults_are_a_valid_dev_config() -> None:
+    cfg = load_config(None, environ={})
+    assert cfg.env == "dev"
+    assert [m.symbol for m in cfg.markets] == ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
+    assert cfg.nats.url is None and cfg.postgres.dsn is None and cfg.kafka.bootstrap is None
+
+
+def test_toml_then_env_override(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('env = "dev"\n[edge]\nport = 9000\n[postgres]\ndsn = "postgresql://u:pw@db.internal/x"\n')
+    cfg = load_config(f, environ={"SPOTEX_EDGE__PORT": "9100", "SPOTEX_DEMO__ENABLED": "false"})
+    assert cfg.edge.port == 9100
+    assert cfg.demo.enabled is False
+    assert cfg.postgres.dsn == "postgresql://u:pw@db.internal/x"
+
+
+def test_config_is_frozen() -> None:
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.env = "production"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "needle"),
+    [
+        ("[nats]\nurll = 'x'\n", {}, "urll"),
+        ("[edge]\nport = 'eighty'\n", {}, "$.edge.port"),
+        ("bogus = 1\n", {}, "bogus"),
+        ("", {"SPOTEX_EDGE__PRT": "1"}, "edge.prt"),
+        ("", {"SPOTEX_EDGE__PORT": "abc"}, "SPOTEX_EDGE__PORT"),
+        ("", {"SPOTEX_DEMO__ENABLED": "maybe"}, "SPOTEX_DEMO__ENABLED"),
+        ("env = 'staging'\n", {}, "$.env"),
+        ("[[markets]]\nsymbol='X-Y'\nbase='X'\nquote='Y'\ntick_size='1'\nlot_size='1'\nmin_notional='1'\n", {},
+         "asset 'X'"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, toml: str, env: dict[str, str], needle: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as exc:
+        load_config(f, environ=env)
+    assert needle in str(exc.value)
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml", environ={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[edge\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad, environ={})
+
+
+def test_masked_hides_secrets() -> None:
+    cfg = load_config(None, environ={
+        "SPOTEX_POSTGRES__DSN": "postgresql://ledger:hunter2@db.internal:5432/spotex",
+        "SPOTEX_SECURITY__ADMIN_TOKEN": "tok-123",
+        "SPOTEX_JOBS__WEBHOOK_SECRET": "whsec",
+    })
+    out = masked(cfg)
+    text = repr(out)
+    assert "hunter2" not in text and "tok-123" not in text and "whsec" not in text
+    assert out["postgres"]["dsn"] == "postgresql://***@db.internal:5432/spotex"
