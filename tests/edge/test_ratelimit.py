@@ -1,0 +1,121 @@
+"""Token buckets per API key and per IP, driven by a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+from edge.errors import SpotexError, to_problem
+from edge.ratelimit import EdgeRateLimiter, TokenBucketLimiter
+from spotex.config import EdgeSection
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def drops(scope: str) -> float:
+    return REGISTRY.get_sample_value("ratelimit_drops_total", {"scope": scope}) or 0.0
+
+
+def test_burst_then_refill_with_headers() -> None:
+    clk = Clock()
+    lim = TokenBucketLimiter(10, 5, scope="key", clock=clk)
+    before = drops("key")
+    got = [lim.take("k") for _ in range(5)]
+    assert all(d.allowed for d in got)
+    assert [d.remaining for d in got] == [4, 3, 2, 1, 0]
+    assert got[0].headers() == {"RateLimit-Limit": "5", "RateLimit-Remaining": "4", "RateLimit-Reset": "1"}
+    denied = lim.take("k")
+    assert not denied.allowed and denied.remaining == 0 and denied.retry_after_s == 1
+    assert denied.headers()["Retry-After"] == "1" and denied.headers()["RateLimit-Reset"] == "1"
+    assert drops("key") == before + 1
+    clk.t += 0.1  # one token back
+    assert lim.take("k").allowed
+    assert not lim.take("k").allowed
+    clk.t += 10  # never more than burst
+    d = lim.take("k")
+    assert d.allowed and d.remaining == 4
+
+
+def test_retry_after_and_reset_for_slow_rates_and_costs() -> None:
+    clk = Clock()
+    lim = TokenBucketLimiter(0.5, 2, scope="ip", clock=clk)  # one token per 2 s
+    assert lim.take("ip1", cost=2).allowed
+    d = lim.take("ip1")
+    assert not d.allowed and d.retry_after_s == 2 and d.reset_s == 4
+    clk.t += 1.0
+    d = lim.take("ip1", cost=2)
+    assert not d.allowed and d.retry_after_s == 3  # needs 1.5 more tokens at 0.5/s
+    assert lim.take("ip1", cost=3).retry_after_s is None  # can never fit: no Retry-After promise
+    with pytest.raises(ValueError):
+        lim.take("ip1", cost=0)
+    with pytest.raises(ValueError):
+        TokenBucketLimiter(0, 1, scope="ip")
+
+
+def test_keys_are_independent_and_memory_is_bounded() -> None:
+    clk = Clock()
+    lim = TokenBucketLimiter(1, 1, scope="key", max_buckets=3, clock=clk)
+    assert lim.take("a").allowed and not lim.take("a").allowed
+    assert lim.take("b").allowed  # a's exhaustion does not touch b
+    for k in ("c", "d", "e"):
+        lim.take(k)
+    assert len(lim) == 3
+
+
+def test_peek_does_not_charge() -> None:
+    lim = TokenBucketLimiter(1, 2, scope="key", clock=Clock())
+    assert lim.peek("k").allowed and lim.peek("k").remaining == 2
+    lim.take("k")
+    lim.take("k")
+    assert not lim.peek("k").allowed
+    assert lim.peek("k").remaining == 0
+
+
+def test_edge_limiter_charges_key_or_ip() -> None:
+    clk = Clock()
+    lim = EdgeRateLimiter(key_rate_per_s=100, key_burst=3, ip_rate_per_s=1, ip_burst=2, clock=clk)
+    before_ip, before_key = drops("ip"), drops("key")
+    # Verified key: its own bucket, whatever the IP.
+    for _ in range(3):
+        assert lim.check(ip="10.0.0.1", api_key="K1").allowed
+    d = lim.check(ip="10.0.0.1", api_key="K1")
+    assert not d.allowed and d.scope == "key"
+    # Unauthenticated or failed auth from that IP: the IP bucket, untouched by K1's use.
+    assert lim.ip_blocked("10.0.0.1") is None
+    assert lim.check(ip="10.0.0.1").allowed
+    assert lim.check(ip="10.0.0.1").allowed
+    d = lim.check(ip="10.0.0.1")
+    assert not d.allowed and d.scope == "ip"
+    blocked = lim.ip_blocked("10.0.0.1")
+    assert blocked is not None and blocked.retry_after_s == 1
+    assert lim.ip_blocked("10.0.0.2") is None
+    assert drops("ip") == before_ip + 2 and drops("key") == before_key + 1
+    # A verified key from the blocked IP still has its own budget.
+    clk.t += 0.05
+    assert lim.check(ip="10.0.0.1", api_key="K1").allowed
+
+
+def test_denial_becomes_a_429_problem_with_headers() -> None:
+    lim = TokenBucketLimiter(2, 1, scope="key", clock=Clock())
+    lim.take("k").raise_if_denied()
+    with pytest.raises(SpotexError) as ei:
+        lim.take("k").raise_if_denied()
+    exc = ei.value
+    assert exc.status == 429 and exc.code == "RATE_LIMITED"
+    assert exc.headers == {"RateLimit-Limit": "1", "RateLimit-Remaining": "0", "RateLimit-Reset": "1",
+                           "Retry-After": "1"}
+    prob = to_problem(exc, "/v1/orders", order_call=True)
+    assert prob["status"] == 429 and prob["executionStatus"] == "NOT_EXECUTED"
+
+
+def test_from_config() -> None:
+    lim = EdgeRateLimiter.from_config(EdgeSection(rate_limit_per_s=5, rate_limit_burst=7, ip_rate_limit_per_s=3),
+                                      clock=Clock())
+    assert lim.per_key.burst == 7 and lim.per_key.rate == 5
+    assert lim.per_ip.burst == 6 and lim.per_ip.rate == 3
