@@ -203,7 +203,12 @@ def to_problem(exc: BaseException, instance: str, *, order_call: bool = False) -
     """RFC 9457 problem details for ``exc``. Anything that is not a :class:`SpotexError` becomes an
     opaque INTERNAL problem: exception text never reaches a client."""
     if not isinstance(exc, SpotexError):
-        exc = SpotexError("INTERNAL", detail="Unexpected failure; it has been logged.")
+        # Errors of other packages (e.g. ledger.audit.AuditError) carry a registered stable code.
+        code = getattr(exc, "code", None)
+        if isinstance(code, str) and code in REGISTRY:
+            exc = SpotexError(code, detail=getattr(exc, "detail", None))
+        else:
+            exc = SpotexError("INTERNAL", detail="Unexpected failure; it has been logged.")
     if order_call:
         exc.for_order()
     out: dict[str, Any] = {

@@ -15,7 +15,8 @@ OURS = {"core", "edge", "ledger", "jobs", "cockpit", "spotex", "runbooks", "benc
 ALLOWED = {
     "core": set(),
     "ledger": {"core", "spotex"},
-    "edge": {"core", "spotex"},
+    # The edge serves the admin API, and latch release and the audit chain are ledger logic.
+    "edge": {"core", "spotex", "ledger"},
     "jobs": {"core", "spotex", "ledger"},
     "cockpit": {"spotex"},
 }

@@ -14,7 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from edge.audit import (
+from edge.auth import OperatorIdentity
+from ledger.audit import (
     GENESIS_HASH,
     AuditEntry,
     AuditError,
@@ -31,7 +32,6 @@ from edge.audit import (
     verify_db,
     verify_jsonl,
 )
-from edge.auth import OperatorIdentity
 from ledger.migrate import migrate
 
 T0 = 1_700_000_000_000
@@ -63,7 +63,7 @@ async def expect(code: str, coro: object) -> AuditError:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge.audit", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ledger.audit", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
 
 

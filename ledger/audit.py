@@ -14,14 +14,14 @@ action then failed can, and says so in a follow-up entry). Appends are serialise
 truncated tail is detected by :func:`verify_db`.
 
 What the chain cannot do alone: someone with write access to the database can rewrite it from
-seq 1 with fresh hashes. Anchor the head outside it (``python -m edge.audit head`` into the logs,
+seq 1 with fresh hashes. Anchor the head outside it (``python -m ledger.audit head`` into the logs,
 the JSONL export into the forensic bundle) and verify against that anchor.
 
 Command line (for scripts/verify_audit_chain.sh and the tamper drill):
-``python -m edge.audit verify FILE.jsonl [--require-events]``,
-``python -m edge.audit verify-db --dsn DSN [--chain admin] [--require-events]``,
-``python -m edge.audit export --dsn DSN --out FILE.jsonl [--chain admin]``,
-``python -m edge.audit head --dsn DSN [--chain admin]``.
+``python -m ledger.audit verify FILE.jsonl [--require-events]``,
+``python -m ledger.audit verify-db --dsn DSN [--chain admin] [--require-events]``,
+``python -m ledger.audit export --dsn DSN --out FILE.jsonl [--chain admin]``,
+``python -m ledger.audit head --dsn DSN [--chain admin]``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,9 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol, runtime_checkable
 
 import asyncpg
-
-from edge.auth import OperatorIdentity
-from edge.errors import SpotexError
 
 __all__ = [
     "BREAK_GLASS_MAX_TTL_S",
@@ -82,8 +79,30 @@ Conn = Any  # asyncpg.Connection or a pool's connection proxy
 ConnOrPool = Any
 
 
-class AuditError(SpotexError):
-    """A refused audit append; nothing was written and the action must not proceed."""
+class AuditError(Exception):
+    """A refused audit append; nothing was written and the action must not proceed.
+
+    ``code`` is one of the stable error codes the edge renders as problem+json
+    (VALIDATION, AUDIT_REASON_REQUIRED, AUDIT_TICKET_REQUIRED, AUDIT_UNAVAILABLE, BREAK_GLASS_TTL)."""
+
+    _STATUS = {"AUDIT_UNAVAILABLE": 503}
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.code = code
+        self.detail = detail
+        self.status = self._STATUS.get(code, 400)
+        super().__init__(f"{code}: {detail}")
+
+
+@runtime_checkable
+class OperatorIdentity(Protocol):
+    """Who acts: the edge's verified operator (edge.auth.OperatorIdentity) fits this."""
+
+    @property
+    def actor(self) -> str: ...
+
+    @property
+    def roles(self) -> frozenset[str]: ...
 
 
 def _now_ms() -> int:
@@ -504,7 +523,7 @@ async def _with_conn(dsn: str, fn: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 when the chain verifies, 1 when it does not, 2 on usage or I/O errors."""
-    ap = argparse.ArgumentParser(prog="python -m edge.audit", description="spotex audit chain tools")
+    ap = argparse.ArgumentParser(prog="python -m ledger.audit", description="spotex audit chain tools")
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="verify a JSONL export")
     v.add_argument("file")
