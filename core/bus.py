@@ -45,6 +45,7 @@ async def ensure_streams(
     duplicate_window_s: int = 120,
     replicas: int = 1,
     lease_ttl_s: float = 3.0,
+    cmd_max_age_s: float = 86_400.0,
 ) -> None:
     """Create (or update) the CMD and EVT streams and the lease bucket. Safe to re-run."""
     from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
@@ -54,8 +55,9 @@ async def ensure_streams(
         name=cmd_stream,
         subjects=[f"{CMD_PREFIX}.>"],
         storage=StorageType.FILE,
-        # Commands are work: once the core acked them (after their events are on EVT), they go.
-        retention=RetentionPolicy.WORK_QUEUE,
+        # Kept for a day (forensic bundles: seed §3.1), not removed on ack as a work queue would.
+        retention=RetentionPolicy.LIMITS,
+        max_age=cmd_max_age_s,
         duplicate_window=window,
         num_replicas=replicas,
     )

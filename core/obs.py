@@ -45,8 +45,18 @@ _VALUE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+# Keys whose values are public by design even though they look like secrets (a hash, a lease
+# revision): listed one by one, so nothing else slips through.
+_PUBLIC_KEYS = frozenset({
+    "fencing_token", "old_token", "new_token", "state_hash", "own", "leader", "hash", "prev_hash", "head_hash",
+    "sha256", "core_recovery_hash", "core_precrash_wal_hash", "reference_state_hash", "restored_state_hash",
+})
+
+
 def redact(value: Any, key: str = "") -> Any:
     """Return ``value`` with secrets and personal data masked. The single redaction point."""
+    if key in _PUBLIC_KEYS:
+        return value
     if key and _SECRET_KEY_RE.search(key):
         return "***" if value not in (None, "") else value
     if isinstance(value, str):

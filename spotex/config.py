@@ -106,6 +106,14 @@ class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     lag_throttle_seq: int = 1_000  # T2
     lag_halt_seq: int = 10_000  # T3
     latch_requires_second_approver: bool = False
+    # A T2/T3 breach engages the latch once it has lasted this long (a restart's catch-up is not one).
+    lag_breach_s: float = 5.0
+    consumer_name: str = "ledger"
+    fetch_max_msgs: int = 256
+    ack_wait_s: float = 30.0
+    reconcile_interval_s: float = 1.0
+    invariants_interval_s: float = 10.0
+    invariants_full_interval_s: float = 3_600.0
 
 
 class JobsSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -126,6 +134,9 @@ class SecuritySection(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     latch_approval_enabled: bool = True
     # Optional bearer secret for service-to-service admin calls; masked in `config show`.
     admin_token: str | None = None
+    # AES-256-GCM master key(s) that encrypt trader HMAC secrets at rest (hex lines, first is primary).
+    # None: <data_dir>/secrets/edge_master.key, created on first use in dev.
+    master_key_file: str | None = None
 
 
 class AssetSpec(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -195,7 +206,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
 _ENV_PREFIX = "SPOTEX_"
 # Variables that steer the CLI rather than the config tree.
-_ENV_NOT_CONFIG = {"SPOTEX_CONFIG", "SPOTEX_DATA_DIR", "SPOTEX_ENV_FILE", "SPOTEX_OPERATOR_KEY"}
+_ENV_NOT_CONFIG = {
+    "SPOTEX_CONFIG", "SPOTEX_DATA_DIR", "SPOTEX_ENV_FILE", "SPOTEX_OPERATOR_KEY", "SPOTEX_PROBE_PORT",
+    "SPOTEX_RUNBOOK_OUT",
+}
 
 
 def _field_types(struct_type: type) -> dict[str, Any]:

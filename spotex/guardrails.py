@@ -14,7 +14,7 @@ from spotex.config import Config
 
 __all__ = ["SERVICE_NAMES", "Refusal", "check", "check_all"]
 
-SERVICE_NAMES = ("core", "edge", "ledger", "exporter", "jobs")
+SERVICE_NAMES = ("core", "core-standby", "edge", "ledger", "exporter", "jobs", "demo")
 
 
 class Refusal(str):
@@ -91,6 +91,9 @@ def _demo(cfg: Config) -> list[str]:
 
 _CHECKS = {
     "core": (_nats, _demo),
+    "core-standby": (_nats, _demo),
+    # The demo trader mints balances: it never runs in production.
+    "demo": (_demo,),
     "edge": (_nats, _admin, _demo),
     "ledger": (_nats, _postgres, _latch, _demo),
     "exporter": (_nats, _kafka),

@@ -25,6 +25,13 @@ def test_redact_masks_secret_keys_and_values() -> None:
     assert out["qty"] == 5
 
 
+def test_public_keys_stay_readable() -> None:
+    h = "ab" * 32
+    out = redact({"fencing_token": 7, "state_hash": h, "nested": {"token": "t", "sig": h}})
+    assert out["fencing_token"] == 7 and out["state_hash"] == h
+    assert out["nested"] == {"token": "***", "sig": "***"}
+
+
 def test_json_formatter_redacts_extras() -> None:
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, "login from %s", ("alice@example.com",), None)
     rec.password = "p4ss"

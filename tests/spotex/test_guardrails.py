@@ -6,31 +6,8 @@ import pytest
 
 from spotex.testing import spotex_cli
 
-# Everything safe: real hosts, operator keys, second approver, no demo funding.
-SAFE = {
-    "SPOTEX_ENV": "production",
-    "SPOTEX_NATS__URL": "nats://nats-1.prod.internal:4222,nats://nats-2.prod.internal:4222",
-    "SPOTEX_POSTGRES__DSN": "postgresql://spotex:secret@pg.prod.internal:5432/spotex",
-    "SPOTEX_KAFKA__BOOTSTRAP": "redpanda-1.prod.internal:9092",
-    "SPOTEX_SECURITY__ADMIN_KEYS": '{"' + "ab" * 32 + '": ["admin"]}',
-    "SPOTEX_LEDGER__LATCH_REQUIRES_SECOND_APPROVER": "true",
-    "SPOTEX_DEMO__ENABLED": "false",
-}
-
-CASES = [
-    ("core", {"SPOTEX_NATS__URL": ""}, "embedded nats-server"),
-    ("core", {"SPOTEX_NATS__URL": "nats://127.0.0.1:4222"}, "loopback"),
-    ("core", {"SPOTEX_DEMO__ENABLED": "true"}, "demo funding is enabled"),
-    ("edge", {"SPOTEX_SECURITY__ADMIN_KEYS": "{}"}, "no operator keys"),
-    ("edge", {"SPOTEX_NATS__URL": "nats://localhost:4222"}, "loopback"),
-    ("ledger", {"SPOTEX_POSTGRES__DSN": ""}, "embedded PostgreSQL"),
-    ("ledger", {"SPOTEX_POSTGRES__DSN": "postgresql://u@127.0.0.1/x"}, "loopback"),
-    ("ledger", {"SPOTEX_SECURITY__LATCH_APPROVAL_ENABLED": "false"}, "latch approval is disabled"),
-    ("ledger", {"SPOTEX_LEDGER__LATCH_REQUIRES_SECOND_APPROVER": "false"}, "second approver"),
-    ("exporter", {"SPOTEX_KAFKA__BOOTSTRAP": ""}, "embedded Kafka"),
-    ("exporter", {"SPOTEX_KAFKA__BOOTSTRAP": "127.0.0.1:9092"}, "loopback broker"),
-    ("jobs", {"SPOTEX_SECURITY__ADMIN_KEYS": "{}"}, "no operator keys"),
-]
+from runbooks.guardrails_drill import SAFE_PRODUCTION_ENV as SAFE
+from runbooks.guardrails_drill import UNSAFE_CASES as CASES
 
 
 @pytest.mark.parametrize(("service", "unsafe", "needle"), CASES)

@@ -1,0 +1,74 @@
+"""``spotex bench ...``: benchmarks, each printing one JSON line of figures (code in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+__all__ = ["register"]
+
+
+def _print(result: dict[str, Any]) -> None:
+    click.echo(json.dumps(result, sort_keys=True))
+
+
+def register(main: click.Group) -> None:
+    @main.group("bench")
+    def bench() -> None:
+        """Benchmarks against the brief's targets; one JSON line of figures each."""
+
+    @bench.command("engine")
+    @click.option("--commands", default=1_000_000, show_default=True)
+    @click.option("--seed", default=1, show_default=True)
+    @click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry; output is always one JSON line.")
+    def bench_engine(commands: int, seed: int, as_json: bool) -> None:
+        """In-process engine: risk + match + events over a mixed flow, no I/O."""
+        from benchmarks.bench_engine import run
+
+        _print(run(commands, seed))
+
+    @bench.command("wal")
+    @click.option("--commands", default=1_000_000, show_default=True)
+    @click.option("--batch", default=256, show_default=True, help="Commands per group commit.")
+    @click.option("--payload-bytes", default=100, show_default=True)
+    @click.option("--json", "as_json", is_flag=True)
+    def bench_wal(commands: int, batch: int, payload_bytes: int, as_json: bool) -> None:
+        """Durable core: WAL group commit with real fdatasync."""
+        from benchmarks.bench_wal import run
+
+        _print(run(commands, batch, payload_bytes))
+
+    @bench.command("replay")
+    @click.option("--records", default=1_000_000, show_default=True)
+    @click.option("--seed", default=1, show_default=True)
+    @click.option("--json", "as_json", is_flag=True)
+    def bench_replay(records: int, seed: int, as_json: bool) -> None:
+        """Recovery: records/s and seconds to serve again with N records since the last snapshot."""
+        from benchmarks.bench_replay import run
+
+        _print(run(records, seed))
+
+    @bench.command("e2e")
+    @click.option("--orders", default=10_000, show_default=True)
+    @click.option("--concurrency", default=32, show_default=True)
+    @click.option("--rate", type=float, default=None, help="Pace to this many orders/s (default: open loop).")
+    @click.option("--stack-dir", default=None, help="Use the running stack in this data dir instead of a fresh one.")
+    @click.option("--json", "as_json", is_flag=True)
+    def bench_e2e(orders: int, concurrency: int, rate: float | None, stack_dir: str | None, as_json: bool) -> None:
+        """End to end over REST: signed POST /v1/orders through JetStream and the core, to the ack."""
+        from benchmarks.bench_e2e import run
+
+        _print(run(orders, concurrency, rate, stack_dir))
+
+    @bench.command("settlement")
+    @click.option("--trades", default=1_000_000, show_default=True)
+    @click.option("--batch-max", default=1_000, show_default=True, help="Events per PostgreSQL transaction.")
+    @click.option("--events-per-msg", default=100, show_default=True, help="Events per EVT message.")
+    @click.option("--json", "as_json", is_flag=True)
+    def bench_settlement(trades: int, batch_max: int, events_per_msg: int, as_json: bool) -> None:
+        """Ledger: N trades exactly once into PostgreSQL through the real consumer (scratch NATS + PG)."""
+        from benchmarks.bench_settlement import run
+
+        _print(run(trades, batch_max=batch_max, events_per_msg=events_per_msg))

@@ -1,0 +1,95 @@
+"""Composition root of the service processes: config in, each package's own options out.
+
+``core`` depends on nothing of ours, so it cannot read spotex's config; this module maps the
+config to ``core.node.CoreOptions`` and runs the node with the shared probe server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import TYPE_CHECKING, Any
+
+from spotex.config import Config
+
+if TYPE_CHECKING:
+    from core.wire import MarketConfig
+    from spotex.cli import ServiceContext
+
+__all__ = ["market_configs", "run_core", "run_core_standby"]
+
+log = logging.getLogger("spotex.runners")
+
+
+def market_configs(cfg: Config) -> list[MarketConfig]:
+    from core.wire import amount_to_minor, market_config
+
+    decimals = {a.symbol: a.decimals for a in cfg.assets}
+    out = []
+    for m in cfg.markets:
+        out.append(
+            market_config(
+                m.symbol, m.base, m.quote,
+                base_scale=decimals[m.base], quote_scale=decimals[m.quote],
+                tick_size=m.tick_size, lot_size=m.lot_size,
+                min_notional=amount_to_minor(m.min_notional, decimals[m.quote]),
+                price_band_bps=m.price_band_bps, maker_fee_bps=m.maker_fee_bps, taker_fee_bps=m.taker_fee_bps,
+            )
+        )
+    return out
+
+
+def _stop_on_signals(stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+async def run_core(ctx: ServiceContext) -> None:
+    from core.node import CoreNode, CoreOptions
+    from core.obs import ProbeServer
+
+    cfg = ctx.cfg
+    opts = CoreOptions(
+        node_id=ctx.name,
+        nats_url=ctx.endpoints.nats_url,
+        core_dir=str(ctx.data.root / ctx.name),
+        cmd_stream=cfg.nats.cmd_stream,
+        evt_stream=cfg.nats.evt_stream,
+        wal_segment_bytes=cfg.core.wal_segment_bytes,
+        snapshot_every=cfg.core.snapshot_every_commands,
+        checkpoint_every=cfg.core.checkpoint_every_commands,
+        lease_ttl_ms=cfg.core.lease_ttl_ms,
+        fetch_batch=cfg.core.fetch_batch,
+        duplicate_window_s=cfg.nats.duplicate_window_s,
+        markets=market_configs(cfg),
+        query_subject=cfg.core.query_subject,
+    )
+    node = CoreNode(opts)
+
+    async def ready() -> str | None:
+        if node.role in ("leader", "standby"):
+            return None
+        return f"role {node.role}" + (f" ({node.last_error})" if node.last_error else "")
+
+    async def status() -> dict[str, Any]:
+        return node.status()
+
+    probe = ProbeServer("127.0.0.1", ctx.probe_port, service=ctx.name, readiness=[("core", ready)],
+                        extra_routes={"/status": status})
+    await probe.start()
+    _stop_on_signals(node.stopping.set)
+    try:
+        await node.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await probe.stop()
+    if node.fenced or node.last_error:
+        # A fenced or deposed node exits non-zero; the supervisor restarts it as a standby.
+        raise SystemExit(4)
+
+
+async def run_core_standby(ctx: ServiceContext) -> None:
+    await run_core(ctx)
