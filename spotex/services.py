@@ -29,6 +29,7 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec("ledger", "ledger.service:run"),
     # The demo trader: funded accounts, a market maker and takers over the real command path.
     ServiceSpec("demo", "spotex.demo:run", enabled=lambda cfg, demo: demo and cfg.demo.enabled),
+    ServiceSpec("edge", "edge.service:run"),
 ]
 
 

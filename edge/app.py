@@ -1,0 +1,527 @@
+"""The edge's Litestar application: wiring, probes, metrics and the one error renderer.
+
+``create_app(cfg, nats_url=..., pg_dsn=..., data_dir=...)`` returns an app whose lifespan connects
+NATS (commands, events, queries) and PostgreSQL (API keys, idempotency, audit), and builds the
+security primitives of ``edge.auth`` / ``edge.ratelimit`` / ``edge.idempotency``. Routes live in
+``edge.orders`` (trading), ``edge.account``, ``edge.admin`` (operators) and ``edge.binance`` (the
+Binance-compatible facade); market data comes from ``edge.marketdata`` / ``edge.ws`` when present.
+
+Every error is a :class:`~edge.errors.SpotexError` rendered as RFC 9457 problem+json (Binance's
+``{"code","msg"}`` under ``/api/v3``); anything else is an opaque 500. Litestar's own errors (bad
+body, unknown route, wrong method) are mapped onto the same stable codes, so bad input is never a
+5xx and an error never rides inside a 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import State
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    ValidationException,
+)
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from core.wire import MarketConfig, SymbolModeChanged, WithdrawalsHaltChanged
+from edge.auth import (
+    KeyStore,
+    OperatorIdentity,
+    OperatorKeyStore,
+    OperatorVerifier,
+    Principal,
+    RequestVerifier,
+    SecretBox,
+    path_with_query,
+)
+from edge.core_client import CoreClient
+from edge.errors import PROBLEM_CONTENT_TYPE, SpotexError, to_binance, to_problem
+from edge.idempotency import IdempotencyStore, StoredResponse, fingerprint, validate_key
+from edge.idempotency import run as idem_run
+from edge.ratelimit import RATELIMIT_DROPS, EdgeRateLimiter
+from spotex.config import Config
+
+__all__ = ["EdgeState", "create_app", "edge_state", "json_response", "problem_stored"]
+
+log = logging.getLogger("edge.app")
+
+M_LATENCY = Histogram("edge_http_request_seconds", "Edge HTTP request latency by route", ["method", "route"],
+                      buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0))
+M_REQUESTS = Counter("edge_http_requests", "Edge HTTP requests by route and status class",
+                     ["method", "route", "status"])
+M_ERRORS = Counter("edge_http_errors", "Edge HTTP error responses by stable code", ["code"])
+
+_JSON = msgspec.json.Encoder()
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(content=_JSON.encode(data), status_code=status, media_type=MediaType.JSON,
+                    headers=headers or {})
+
+
+def problem_stored(exc: SpotexError, instance: str, *, order_call: bool) -> StoredResponse:
+    body = _JSON.encode(to_problem(exc, instance, order_call=order_call))
+    return StoredResponse(exc.status, body, {"content-type": PROBLEM_CONTENT_TYPE, **exc.headers})
+
+
+@dataclass
+class EdgeState:
+    """Everything the handlers share; one per app (``app.state.edge``)."""
+
+    cfg: Config
+    markets: dict[str, MarketConfig]
+    asset_scales: dict[str, int]
+    nc: Any = None
+    js: Any = None
+    pool: Any = None
+    keys: KeyStore | None = None
+    verifier: RequestVerifier | None = None
+    op_verifier: OperatorVerifier | None = None
+    limiter: EdgeRateLimiter | None = None
+    idem: IdempotencyStore | None = None
+    core: CoreClient | None = None
+    md: Any = None
+    hub: Any = None
+    modes: dict[str, str] = field(default_factory=dict)
+    withdrawals_halted: bool | None = None
+    started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    _ready_cache: tuple[float, str | None] = (0.0, "starting")
+
+    # --- auth helpers --------------------------------------------------------------------------
+
+    def client_ip(self, request: Request[Any, Any, Any]) -> str:
+        c = request.client
+        return c.host if c is not None else "unknown"
+
+    async def authenticate(self, request: Request[Any, Any, Any], scope: str) -> Principal:
+        """Verify the native signed headers, charge the rate limits, record the RateLimit headers."""
+        assert self.verifier is not None and self.limiter is not None
+        ip = self.client_ip(request)
+        blocked = self.limiter.ip_blocked(ip)
+        if blocked is not None:
+            blocked.raise_if_denied()
+        body = await request.body()
+        pwq = path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
+                              request.scope.get("query_string", b""))
+        h = request.headers
+        try:
+            p = await self.verifier.verify(api_key=h.get("x-api-key"), ts=h.get("x-ts"),
+                                           signature=h.get("x-signature"), method=request.method,
+                                           path_with_query=pwq, body=body, required_scope=scope)
+        except SpotexError:
+            d = self.limiter.check(ip=ip)
+            if not d.allowed:
+                RATELIMIT_DROPS.labels("ip").inc()
+            d.raise_if_denied()
+            raise
+        d = self.limiter.check(ip=ip, api_key=p.api_key)
+        if not d.allowed:
+            RATELIMIT_DROPS.labels("key").inc()
+        d.raise_if_denied()
+        _set_rl(request, d.headers())
+        return p
+
+    async def authenticate_operator(self, request: Request[Any, Any, Any], role: str) -> OperatorIdentity:
+        assert self.op_verifier is not None and self.limiter is not None
+        ip = self.client_ip(request)
+        blocked = self.limiter.ip_blocked(ip)
+        if blocked is not None:
+            blocked.raise_if_denied()
+        body = await request.body()
+        pwq = path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
+                              request.scope.get("query_string", b""))
+        h = request.headers
+        try:
+            return await self.op_verifier.verify_operator_request(
+                key=h.get("x-api-key"), ts=h.get("x-ts"), signature=h.get("x-signature"), method=request.method,
+                path_with_query=pwq, body=body, required_role=role)
+        except SpotexError:
+            d = self.limiter.check(ip=ip)
+            d.raise_if_denied()
+            raise
+
+    def public_rate(self, request: Request[Any, Any, Any], cost: int = 1) -> None:
+        """Charge an unauthenticated request to its IP's bucket."""
+        assert self.limiter is not None
+        d = self.limiter.check(ip=self.client_ip(request), cost=cost)
+        if not d.allowed:
+            RATELIMIT_DROPS.labels("ip").inc()
+        d.raise_if_denied()
+        _set_rl(request, d.headers())
+
+    async def idempotent(self, request: Request[Any, Any, Any], principal: Principal,
+                         handler: Callable[[], Awaitable[StoredResponse]], *, order_call: bool,
+                         key: str | None = None) -> Response[Any]:
+        """Run ``handler`` under the request's Idempotency-Key (if any). A handler's definitive 4xx
+        (a core reject, a validation error) is stored and replayed; an UNKNOWN outcome releases the key."""
+        assert self.idem is not None
+        if key is None:
+            key = validate_key(request.headers.get("idempotency-key"))
+        instance = request.url.path
+
+        async def run() -> StoredResponse:
+            try:
+                return await handler()
+            except SpotexError as exc:
+                if exc.status < 500 and not exc.code.startswith("IDEMPOTENCY_") and exc.code != "RATE_LIMITED":
+                    return problem_stored(exc, instance, order_call=order_call)
+                raise
+
+        if key is None:
+            resp = await run()
+        else:
+            body = await request.body()
+            pwq = path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
+                                  request.scope.get("query_string", b""))
+            fp = fingerprint(request.method, pwq, body, principal.api_key)
+            resp = await idem_run(self.idem, principal.api_key, key, fp, run)
+        headers = dict(resp.headers)
+        media = headers.pop("content-type", MediaType.JSON)
+        return Response(content=resp.body, status_code=resp.status, media_type=media, headers=headers)
+
+    # --- readiness -------------------------------------------------------------------------------
+
+    async def ready_reason(self) -> str | None:
+        now = time.monotonic()
+        at, reason = self._ready_cache
+        if now - at < 1.0:
+            return reason
+        reason = await self._check_ready()
+        self._ready_cache = (now, reason)
+        return reason
+
+    async def _check_ready(self) -> str | None:
+        if self.nc is None or not self.nc.is_connected:
+            return "nats: not connected"
+        if self.pool is None:
+            return "postgres: no pool"
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), 2.0)
+        except Exception as exc:
+            return f"postgres: {type(exc).__name__}"
+        if self.core is None:
+            return "core: no client"
+        try:
+            st = await self.core.query("status", timeout=1.5)
+        except SpotexError:
+            return "core: no leader answering queries"
+        if not isinstance(st, dict) or st.get("role") != "leader":
+            return f"core: role {st.get('role') if isinstance(st, dict) else '?'}"
+        return None
+
+    async def symbol_modes(self) -> dict[str, str]:
+        """Modes per symbol: learned from the core's book query once, then kept by events."""
+        if self.core is not None and len(self.modes) < len(self.markets):
+            for sym in self.markets:
+                if sym in self.modes:
+                    continue
+                with contextlib.suppress(SpotexError):
+                    bv = await self.core.query("book", symbol=sym, depth=0)
+                    if isinstance(bv, dict) and "mode" in bv:
+                        self.modes.setdefault(sym, str(bv["mode"]))
+        return dict(self.modes)
+
+    def on_events(self, events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, SymbolModeChanged):
+                self.modes[ev.symbol] = str(ev.mode)
+            elif isinstance(ev, WithdrawalsHaltChanged):
+                self.withdrawals_halted = ev.on
+
+
+def _set_rl(request: Request[Any, Any, Any], headers: dict[str, str]) -> None:
+    st = request.scope.get("state")
+    if st is None:
+        st = request.scope["state"] = {}
+    st["rl_headers"] = headers
+
+
+def edge_state(request: Request[Any, Any, Any]) -> EdgeState:
+    st: EdgeState = request.app.state.edge
+    return st
+
+
+# --- probes and metrics ---------------------------------------------------------------------------
+
+
+@get("/healthz", include_in_schema=False, sync_to_thread=False)
+def healthz() -> dict[str, Any]:
+    return {"status": "ok", "service": "edge"}
+
+
+@get("/readyz", include_in_schema=False)
+async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
+    reason = await edge_state(request).ready_reason()
+    if reason is None:
+        return json_response({"status": "ready", "service": "edge"})
+    return json_response({"status": "not_ready", "service": "edge", "reason": reason}, 503)
+
+
+@get("/metrics", include_in_schema=False, sync_to_thread=False)
+def metrics() -> Response[bytes]:
+    return Response(content=generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def _is_order_call(path: str) -> bool:
+    return path.startswith("/v1/orders")
+
+
+def _to_spotex(exc: Exception) -> SpotexError | Exception:
+    if isinstance(exc, SpotexError):
+        return exc
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and not isinstance(exc, HTTPException):
+        try:
+            return SpotexError(code, detail=getattr(exc, "detail", None))
+        except ValueError:
+            return exc
+    if isinstance(exc, ValidationException):
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        msg = "; ".join(f"{e.get('key', '')}: {e.get('message', '')}" for e in extra if isinstance(e, dict))
+        return SpotexError("VALIDATION", detail=(msg or str(exc.detail))[:500])
+    if isinstance(exc, NotFoundException):
+        return SpotexError("NOT_FOUND")
+    if isinstance(exc, MethodNotAllowedException):
+        return SpotexError("METHOD_NOT_ALLOWED")
+    if isinstance(exc, HTTPException):
+        sc = exc.status_code
+        if sc == 413:
+            return SpotexError("PAYLOAD_TOO_LARGE")
+        if sc == 415:
+            return SpotexError("UNSUPPORTED_MEDIA_TYPE")
+        if 400 <= sc < 500:
+            return SpotexError("VALIDATION", detail=str(exc.detail)[:500])
+        if sc == 503:
+            return SpotexError("UNAVAILABLE")
+    return exc
+
+
+def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    conv = _to_spotex(exc)
+    path = request.url.path
+    extra_headers: dict[str, str] = dict((request.scope.get("state") or {}).get("rl_headers") or {})
+    if not isinstance(conv, SpotexError):
+        log.exception("unhandled error", exc_info=exc, extra={"path": path})
+        conv = SpotexError("INTERNAL", detail="Unexpected failure; it has been logged.")
+    M_ERRORS.labels(conv.code).inc()
+    extra_headers.update(conv.headers)
+    if path.startswith("/api/v3"):
+        cancel = request.method == "DELETE"
+        # Binance answers client errors with 400 (401 for key problems, 429 for limits).
+        status = conv.status
+        if status in (403,):
+            status = 401
+        elif status in (404, 409, 413, 415, 422):
+            status = 400
+        return Response(content=_JSON.encode(to_binance(conv, cancel=cancel)), status_code=status,
+                        media_type=MediaType.JSON, headers=extra_headers)
+    body = to_problem(conv, path, order_call=_is_order_call(path))
+    return Response(content=_JSON.encode(body), status_code=conv.status, media_type=PROBLEM_CONTENT_TYPE,
+                    headers=extra_headers)
+
+
+def _after_request(response: Response[Any]) -> Response[Any]:
+    return response
+
+
+# --- metrics middleware (pure ASGI: one histogram sample per request, labelled by route template) --
+
+
+def _metrics_middleware(app: Any) -> Any:
+    async def mw(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+        state = scope.setdefault("state", {})
+
+        async def send_wrapper(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                rl = state.get("rl_headers")
+                if rl and status[0] < 400:
+                    hs = list(message.get("headers", []))
+                    hs.extend((k.lower().encode(), v.encode()) for k, v in rl.items())
+                    message["headers"] = hs
+            await send(message)
+
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            method = scope.get("method", "GET")
+            M_LATENCY.labels(method, route).observe(time.perf_counter() - t0)
+            M_REQUESTS.labels(method, route, f"{status[0] // 100}xx").inc()
+
+    return mw
+
+
+# --- app factory ----------------------------------------------------------------------------------
+
+
+def _master_box(cfg: Config, data_dir: Path | None) -> SecretBox:
+    path = cfg.security.master_key_file
+    if path is None:
+        if data_dir is None:
+            return SecretBox.generate()
+        path = str(data_dir / "secrets" / "edge_master.key")
+    return SecretBox.from_file(path, create=not cfg.production)
+
+
+def master_key_path(cfg: Config, data_dir: Path) -> Path:
+    if cfg.security.master_key_file:
+        return Path(cfg.security.master_key_file)
+    return data_dir / "secrets" / "edge_master.key"
+
+
+def _market_configs(cfg: Config) -> list[MarketConfig]:
+    # The same mapping as spotex.runners.market_configs (which the edge may not import).
+    from core.wire import amount_to_minor, market_config
+
+    dec = {a.symbol: a.decimals for a in cfg.assets}
+    return [market_config(m.symbol, m.base, m.quote, base_scale=dec[m.base], quote_scale=dec[m.quote],
+                          tick_size=m.tick_size, lot_size=m.lot_size,
+                          min_notional=amount_to_minor(m.min_notional, dec[m.quote]),
+                          price_band_bps=m.price_band_bps, maker_fee_bps=m.maker_fee_bps,
+                          taker_fee_bps=m.taker_fee_bps) for m in cfg.markets]
+
+
+def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None = None,
+               markets: list[MarketConfig] | None = None, box: SecretBox | None = None,
+               connect: bool = True) -> Litestar:
+    """The edge app. ``connect=False`` builds it without a lifespan (for the OpenAPI document only)."""
+    mkts = markets if markets is not None else _market_configs(cfg)
+    state = EdgeState(cfg=cfg, markets={m.symbol: m for m in mkts},
+                      asset_scales={a.symbol: a.decimals for a in cfg.assets})
+
+    md_mod: Any = None
+    ws_mod: Any = None
+    try:
+        import edge.marketdata as md_mod
+    except ImportError:
+        md_mod = None
+    try:
+        import edge.ws as ws_mod
+    except ImportError:
+        ws_mod = None
+    if md_mod is not None:
+        try:
+            state.md = md_mod.MarketData(mkts)
+        except Exception:
+            log.exception("market data unavailable")
+            state.md = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        import asyncpg
+        import nats
+
+        state.nc = await nats.connect(nats_url, name="spotex-edge", max_reconnect_attempts=-1,
+                                      reconnect_time_wait=0.5, pending_size=64 * 1024 * 1024)
+        state.js = state.nc.jetstream(publish_async_max_pending=20_000)
+        state.pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=max(4, cfg.postgres.pool_max))
+        kbox = box or _master_box(cfg, data_dir)
+        state.keys = KeyStore(state.pool, kbox)
+        with contextlib.suppress(Exception):
+            await state.keys.start_listener()
+        state.verifier = RequestVerifier.from_config(state.keys, cfg.edge)
+        state.op_verifier = OperatorVerifier(OperatorKeyStore.from_config(cfg.security, state.pool),
+                                             skew_window_ms=cfg.edge.skew_window_ms)
+        state.limiter = EdgeRateLimiter.from_config(cfg.edge)
+        state.idem = IdempotencyStore(state.pool, lease_ms=max(60_000, cfg.edge.order_timeout_ms * 4))
+        state.core = CoreClient(state.nc, state.js, markets=mkts, query_subject=cfg.core.query_subject,
+                                order_timeout_ms=cfg.edge.order_timeout_ms)
+        state.core.listeners.append(state.on_events)
+        await state.core.start()
+        if state.md is not None:
+            try:
+                await state.md.start(state.nc, state.js, cfg.nats.evt_stream)
+            except Exception:
+                log.exception("market data failed to start")
+        if state.hub is not None:
+            with contextlib.suppress(Exception):
+                await state.hub.start()
+        purge = asyncio.create_task(_purge_loop(state))
+        try:
+            yield
+        finally:
+            purge.cancel()
+            if state.hub is not None:
+                with contextlib.suppress(Exception):
+                    await state.hub.stop()
+            if state.md is not None:
+                with contextlib.suppress(Exception):
+                    await state.md.stop()
+            with contextlib.suppress(Exception):
+                await state.core.stop()
+            with contextlib.suppress(Exception):
+                await state.keys.close()
+            with contextlib.suppress(Exception):
+                await state.nc.drain()
+            with contextlib.suppress(Exception):
+                await state.pool.close()
+
+    from edge import account, admin, binance, orders
+
+    handlers: list[Any] = [healthz, readyz, metrics, *orders.ROUTES, *account.ROUTES, *admin.ROUTES,
+                           *binance.ROUTES]
+    if md_mod is not None and state.md is not None:
+        try:
+            handlers.extend(md_mod.marketdata_routes(state.md))
+        except Exception:
+            log.exception("market data routes unavailable")
+    if ws_mod is not None and state.md is not None:
+        try:
+            state.hub = ws_mod.WsHub(state.md, cfg, None)
+            handlers.extend(state.hub.handlers())
+        except Exception:
+            log.exception("websocket hub unavailable")
+            state.hub = None
+
+    openapi = OpenAPIConfig(
+        title="spotex REST API", version="1.0.0", path="/schema",
+        description="Trader and operator API of the spotex exchange. Decimal strings for money, integer "
+                    "milliseconds for time, RFC 9457 problem+json for errors. See docs/api.md.",
+        render_plugins=[SwaggerRenderPlugin()],
+        components=Components(security_schemes={
+            "apiKey": SecurityScheme(type="apiKey", name="X-API-KEY", security_scheme_in="header",
+                                     description="With X-TS (ms) and X-SIGNATURE over METHOD\\nPATH\\nX-TS\\nBODY"),
+        }),
+    )
+    app = Litestar(
+        route_handlers=handlers,
+        lifespan=[lifespan] if connect else [],
+        state=State({"edge": state}),
+        exception_handlers={Exception: _exception_handler},
+        openapi_config=openapi,
+        middleware=[_metrics_middleware],
+        request_max_body_size=64 * 1024,
+        debug=False,
+    )
+    return app
+
+
+async def _purge_loop(state: EdgeState) -> None:
+    while True:
+        await asyncio.sleep(300)
+        with contextlib.suppress(Exception):
+            if state.idem is not None:
+                await state.idem.purge_expired()

@@ -1,0 +1,41 @@
+"""``spotex serve edge``: the edge's HTTP server (uvicorn) on the supervisor's probe port.
+
+The supervisor health-checks ``http://127.0.0.1:<probe_port>/readyz``, so the app itself serves
+the probes on that port; ``edge.host`` chooses the interface. SIGTERM/SIGINT stop accepting, let
+in-flight requests finish (uvicorn's graceful shutdown) and close NATS and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from spotex.cli import ServiceContext
+
+__all__ = ["run"]
+
+
+async def run(ctx: ServiceContext) -> None:
+    import uvicorn
+
+    from edge.app import create_app
+
+    cfg = ctx.cfg
+    app = create_app(cfg, nats_url=ctx.endpoints.nats_url, pg_dsn=ctx.endpoints.pg_dsn, data_dir=ctx.data.root)
+    port = ctx.probe_port or cfg.edge.port
+    config = uvicorn.Config(app, host=cfg.edge.host, port=port, log_level="warning", access_log=False,
+                            lifespan="on", loop="none", http="httptools", timeout_graceful_shutdown=10,
+                            server_header=False)
+    server = uvicorn.Server(config)
+    # We own the signals: uvicorn's handlers would be installed on its own loop otherwise.
+    setattr(server, "install_signal_handlers", lambda: None)  # noqa: B010 - absent on newer uvicorn
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    await server.serve()

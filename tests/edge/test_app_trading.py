@@ -1,0 +1,283 @@
+"""The edge over a real stack (`spotex up`): signed REST orders through JetStream and the core, balances,
+problem+json, idempotency, admin SetSymbolMode with audit, and the Binance facade driven by the unmodified
+CCXT `binance` class and python-binance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from core.bus import cmd_subject
+from core.wire import Deposit, encode_request
+from edge.auth import signed_headers
+from spotex.testing import Stack, stack
+
+pytestmark = pytest.mark.slow
+
+
+def _raw_pub(k: Ed25519PrivateKey) -> str:
+    return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+class Env:
+    def __init__(self, st: Stack, op: Ed25519PrivateKey) -> None:
+        self.st = st
+        self.op = op
+        self.op_pub = _raw_pub(op)
+        comps = {c["name"]: c["endpoint"] for c in st.status()["components"]}
+        self.edge = comps["edge"]
+        self.nats = comps["nats"]
+
+    def key(self, account: int, scopes: str = "read,trade") -> dict[str, Any]:
+        res = self.st.cli("keys", "create", "--account", str(account), "--scopes", scopes, "--json", check=True)
+        return dict(json.loads(res.stdout))
+
+    def fund(self, account: int, amounts: dict[str, int]) -> None:
+        import nats
+
+        async def go() -> None:
+            nc = await nats.connect(self.nats)
+            js = nc.jetstream()
+            for asset, amt in amounts.items():
+                cmd = Deposit(account_id=account, asset=asset, amount=amt)
+                await js.publish(cmd_subject(None), encode_request(cmd),
+                                 headers={"Nats-Msg-Id": f"fund-{account}-{asset}-{time.time_ns()}"})
+            await nc.close()
+
+        asyncio.run(go())
+        time.sleep(0.3)
+
+    def req(self, key: dict[str, Any], method: str, path: str, body: Any = None,
+            headers: dict[str, str] | None = None) -> httpx.Response:
+        b = json.dumps(body).encode() if body is not None else b""
+        h = signed_headers(key["api_key"], key["secret"], method, path, b)
+        h["content-type"] = "application/json"
+        h.update(headers or {})
+        return httpx.request(method, self.edge + path, content=b, headers=h, timeout=10)
+
+    def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        b = json.dumps(body).encode() if body is not None else b""
+        h = signed_headers(self.op_pub, self.op, method, path, b)
+        h["content-type"] = "application/json"
+        return httpx.request(method, self.edge + path, content=b, headers=h, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    op = Ed25519PrivateKey.generate()
+    admin_keys = json.dumps({_raw_pub(op): ["operator", "approver", "viewer"]})
+    data_dir: Path = tmp_path_factory.mktemp("edge") / "stack"
+    with stack(data_dir, env={"SPOTEX_SECURITY__ADMIN_KEYS": admin_keys}) as st:
+        yield Env(st, op)
+
+
+USD = 10**8
+
+
+def _problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = dict(r.json())
+    assert body["code"] == code
+    return body
+
+
+def test_probes(env: Env) -> None:
+    assert httpx.get(env.edge + "/healthz").status_code == 200
+    r = httpx.get(env.edge + "/readyz")
+    assert r.status_code == 200, r.text
+    assert httpx.get(env.edge + "/schema/openapi.json").status_code == 200
+
+
+def test_place_get_cancel_and_balances(env: Env) -> None:
+    k = env.key(2001)
+    env.fund(2001, {"USDT": 100_000 * USD, "BTC": 10 * USD})
+    r = env.req(k, "GET", "/v1/account/balances")
+    assert r.status_code == 200
+    bal = {b["asset"]: b for b in r.json()["balances"]}
+    assert bal["USDT"]["available"] == "100000.00000000"
+
+    r = env.req(k, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "50000.00",
+                                          "quantity": "0.01", "clientOrderId": "a1"},
+                {"Idempotency-Key": "place-a1"})
+    assert r.status_code == 201, r.text
+    assert r.headers["ratelimit-limit"]
+    o = r.json()
+    assert o["status"] == "NEW" and o["price"] == "50000.00" and o["quantity"] == "0.01000"
+    # same key, same payload: the original result, not a second order
+    r2 = env.req(k, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "50000.00",
+                                           "quantity": "0.01", "clientOrderId": "a1"},
+                 {"Idempotency-Key": "place-a1"})
+    assert r2.status_code == 201 and r2.json()["orderId"] == o["orderId"]
+    assert r2.headers.get("idempotent-replayed") == "true"
+    # same key, different payload
+    _problem(env.req(k, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "50001.00",
+                                               "quantity": "0.01"}, {"Idempotency-Key": "place-a1"}),
+             409, "IDEMPOTENCY_CONFLICT")
+    _problem(env.req(k, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "1", "quantity": "1"},
+                     {"Idempotency-Key": "bad key!"}), 400, "IDEMPOTENCY_KEY_INVALID")
+
+    bal = {b["asset"]: b for b in env.req(k, "GET", "/v1/account/balances").json()["balances"]}
+    assert bal["USDT"]["hold"] != "0.00000000"
+
+    g = env.req(k, "GET", f"/v1/orders/{o['orderId']}")
+    assert g.status_code == 200 and g.json()["status"] == "NEW"
+    g = env.req(k, "GET", "/v1/orders/by-client-id/a1")
+    assert g.status_code == 200 and g.json()["orderId"] == o["orderId"]
+    assert [x["orderId"] for x in env.req(k, "GET", "/v1/orders/open").json()] == [o["orderId"]]
+
+    a = env.req(k, "PATCH", f"/v1/orders/{o['orderId']}", {"quantity": "0.005"})
+    assert a.status_code == 200 and a.json()["quantity"] == "0.00500", a.text
+
+    d = env.req(k, "DELETE", f"/v1/orders/{o['orderId']}")
+    assert d.status_code == 200 and d.json()["status"] == "CANCELED"
+    body = _problem(env.req(k, "DELETE", f"/v1/orders/{o['orderId']}"), 409, "ORDER_ALREADY_CLOSED")
+    assert body["executionStatus"] == "NOT_EXECUTED"
+    _problem(env.req(k, "GET", "/v1/orders/999999999"), 404, "ORDER_NOT_FOUND")
+
+
+def test_trade_and_fills(env: Env) -> None:
+    maker, taker = env.key(2002), env.key(2003)
+    env.fund(2002, {"BTC": 10 * USD})
+    env.fund(2003, {"USDT": 1_000_000 * USD})
+    r = env.req(maker, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "SELL", "price": "40000.00",
+                                              "quantity": "0.5"})
+    assert r.status_code == 201, r.text
+    r = env.req(taker, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "40000.00",
+                                              "quantity": "0.2", "timeInForce": "IOC"})
+    assert r.status_code == 201, r.text
+    o = r.json()
+    assert o["status"] == "FILLED" and o["executedQuantity"] == "0.20000" and len(o["fills"]) == 1
+    f = env.req(taker, "GET", "/v1/fills").json()
+    assert f[0]["price"] == "40000.00" and f[0]["quantity"] == "0.20000" and not f[0]["maker"]
+    f = env.req(maker, "GET", "/v1/fills?symbol=BTC-USDT").json()
+    assert f[0]["maker"] and f[0]["side"] == "SELL"
+    c = env.req(maker, "DELETE", "/v1/orders?symbol=BTC-USDT")
+    assert c.status_code == 200 and c.json()["canceled"] == 1
+
+
+def test_errors_are_problems(env: Env) -> None:
+    k = env.key(2004)
+    env.fund(2004, {"USDT": 10 * USD})
+    _problem(env.req(k, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "50000.001",
+                                               "quantity": "0.01"}), 422, "TICK_SIZE")
+    b = _problem(env.req(k, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "40000.00",
+                                                   "quantity": "1"}), 422, "INSUFFICIENT_FUNDS")
+    assert b["executionStatus"] == "NOT_EXECUTED"
+    _problem(env.req(k, "POST", "/v1/orders", {"symbol": "NOPE-USDT", "side": "BUY", "price": "1",
+                                               "quantity": "1"}), 422, "UNKNOWN_SYMBOL")
+    _problem(env.req(k, "POST", "/v1/orders", {"side": "BUY"}), 400, "VALIDATION")
+    _problem(httpx.post(env.edge + "/v1/orders", content=b'{"symbol":"BTC-USDT","side":"BUY"}'), 401, "AUTH_MISSING")
+    ro = env.key(2004, "read")
+    _problem(env.req(ro, "POST", "/v1/orders", {"symbol": "BTC-USDT", "side": "BUY", "price": "1.00",
+                                                "quantity": "1"}), 403, "AUTH_SCOPE")
+    h = signed_headers(k["api_key"], k["secret"], "GET", "/v1/account/balances", b"")
+    assert httpx.get(env.edge + "/v1/account/balances", headers=h).status_code == 200
+    _problem(httpx.get(env.edge + "/v1/account/balances", headers=h), 401, "AUTH_REPLAY")
+    _problem(httpx.get(env.edge + "/v1/nope"), 404, "NOT_FOUND")
+    _problem(httpx.put(env.edge + "/v1/markets"), 405, "METHOD_NOT_ALLOWED")
+    m = httpx.get(env.edge + "/metrics").text
+    assert "auth_fail_total" in m and "edge_http_request_seconds_bucket" in m and "replay_detect_total" in m
+
+
+def test_admin_set_mode_is_audited_first(env: Env) -> None:
+    k = env.key(2005)
+    env.fund(2005, {"USDT": 100_000 * USD})
+    r = env.admin("POST", "/v1/admin/symbols/SOL-USDT/mode", {"mode": "CANCEL_ONLY", "reason": "drill"})
+    _problem(r, 400, "AUDIT_TICKET_REQUIRED")
+    r = env.admin("POST", "/v1/admin/symbols/SOL-USDT/mode", {"mode": "CANCEL_ONLY", "ticket": "INC-7"})
+    _problem(r, 400, "AUDIT_REASON_REQUIRED")
+    r = env.admin("POST", "/v1/admin/symbols/SOL-USDT/mode",
+                  {"mode": "CANCEL_ONLY", "reason": "invariant drill", "ticket": "INC-7"})
+    assert r.status_code == 200, r.text
+    assert r.json()["mode"] == "CANCEL_ONLY"
+    _problem(env.req(k, "POST", "/v1/orders", {"symbol": "SOL-USDT", "side": "BUY", "price": "100.000",
+                                               "quantity": "1"}), 409, "CANCEL_ONLY")
+    st = env.admin("GET", "/v1/admin/status").json()
+    assert st["modes"]["SOL-USDT"] == "CANCEL_ONLY" and st["core"]["role"] == "leader"
+    r = env.admin("POST", "/v1/admin/symbols/SOL-USDT/mode", {"mode": "NORMAL", "reason": "resume", "ticket": "INC-7"})
+    assert r.status_code == 200
+    audit = env.admin("GET", "/v1/admin/audit?limit=5").json()
+    assert audit[0]["params"] == {"mode": "NORMAL", "symbol": "SOL-USDT"} and audit[0]["seq"] > audit[1]["seq"]
+    r = env.admin("POST", "/v1/admin/withdrawals/halt", {"on": True, "reason": "drill", "ticket": "INC-8"})
+    assert r.status_code == 200 and r.json()["withdrawalsHalted"] is True
+    r = env.admin("POST", "/v1/admin/break-glass/enable", {"ttl_s": 60, "reason": "drill"})
+    assert r.status_code == 200 and r.json()["active"] is True
+    r = env.admin("POST", "/v1/admin/break-glass/disable", {"reason": "done"})
+    assert r.status_code == 200 and r.json()["active"] is False
+    # a trader key is not an operator
+    _problem(env.req(k, "GET", "/v1/admin/status"), 401, "AUTH_UNKNOWN_KEY")
+    res = env.st.cli("audit", "verify", "--require-events")
+    assert res.returncode == 0 and "audit chain OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_ccxt_binance_class(env: Env) -> None:
+    ccxt = pytest.importorskip("ccxt")
+    mk_key, tk_key = env.key(2010), env.key(2011)
+    env.fund(2010, {"BTC": 10 * USD})
+    env.fund(2011, {"USDT": 1_000_000 * USD})
+    base = env.edge + "/api/v3"
+
+    def client(k: dict[str, Any]) -> Any:
+        ex = ccxt.binance({"apiKey": k["api_key"], "secret": k["secret"],
+                           "options": {"fetchMarkets": {"types": ["spot"]}, "fetchCurrencies": False,
+                                       "fetchMargins": False}})
+        for name in ("public", "private", "v3", "v1"):
+            ex.urls["api"][name] = base
+        return ex
+
+    mk, tk = client(mk_key), client(tk_key)
+    markets = mk.load_markets()
+    assert {"BTC/USDT", "ETH/USDT", "SOL/USDT"} <= set(markets)
+    assert markets["BTC/USDT"]["precision"]["price"] == 0.01
+    o = mk.create_order("BTC/USDT", "limit", "sell", 0.3, 41000)
+    assert o["status"] == "open"
+    book = tk.fetch_order_book("BTC/USDT")
+    assert book["asks"][0][0] == 41000.0
+    t = tk.create_order("BTC/USDT", "limit", "buy", 0.1, 41000, {"timeInForce": "IOC"})
+    assert t["status"] == "closed" and t["filled"] == 0.1
+    assert tk.fetch_balance()["BTC"]["total"] == pytest.approx(0.1 - 0.1 * 0.002)
+    trades = tk.fetch_my_trades("BTC/USDT")
+    assert trades[-1]["price"] == 41000.0 and trades[-1]["amount"] == 0.1
+    assert mk.fetch_order(o["id"], "BTC/USDT")["filled"] == 0.1
+    assert [x["id"] for x in mk.fetch_open_orders("BTC/USDT")] == [o["id"]]
+    public = tk.fetch_trades("BTC/USDT")
+    assert public and public[-1]["price"] == 41000.0
+    assert tk.fetch_ohlcv("BTC/USDT", "1m")
+    assert tk.fetch_ticker("BTC/USDT")["last"] == 41000.0
+    assert mk.cancel_order(o["id"], "BTC/USDT")["status"] == "canceled"
+    with pytest.raises(ccxt.OrderNotFound):
+        mk.fetch_order("99999999", "BTC/USDT")
+    with pytest.raises(ccxt.InsufficientFunds):
+        mk.create_order("BTC/USDT", "limit", "sell", 100, 41000)
+
+
+def test_python_binance(env: Env) -> None:
+    binance = pytest.importorskip("binance")
+    k = env.key(2020)
+    env.fund(2020, {"USDT": 100_000 * USD})
+    c = binance.Client(k["api_key"], k["secret"], ping=False)
+    c.API_URL = env.edge + "/api"
+    info = c.get_symbol_info("BTCUSDT")
+    assert info is not None and {f["filterType"] for f in info["filters"]} >= {"PRICE_FILTER", "LOT_SIZE", "NOTIONAL"}
+    o = c.create_order(symbol="BTCUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="0.01",
+                       price="39000.00")
+    assert o["status"] == "NEW"
+    assert c.get_order(symbol="BTCUSDT", orderId=o["orderId"])["status"] == "NEW"
+    assert len(c.get_open_orders(symbol="BTCUSDT")) == 1
+    acct = c.get_account()
+    assert {b["asset"]: b for b in acct["balances"]}["USDT"]["locked"] != "0.00000000"
+    assert c.cancel_order(symbol="BTCUSDT", orderId=o["orderId"])["status"] == "CANCELED"
+    assert c.get_order_book(symbol="BTCUSDT")["lastUpdateId"] >= 0
+    with pytest.raises(binance.exceptions.BinanceAPIException) as ei:
+        c.get_order(symbol="BTCUSDT", orderId=123456789)
+    assert ei.value.code == -2013
