@@ -41,6 +41,14 @@ def register(main: click.Group) -> None:
 
         _run("startup-guardrails", data_dir, out, fn)
 
+    @drill.command("audit-chain-tamper")
+    @_common
+    def audit_chain_tamper(data_dir: str | None, out: str | None) -> None:
+        """Seed §4.6: tampering in a copy of the audit log (changed, missing, reordered) is detected."""
+        from runbooks.audit_drills import audit_chain_tamper as fn
+
+        _run("audit-chain-tamper", data_dir, out, fn)
+
     @drill.command("core-kill-recover")
     @_common
     @click.option("--commands", default=3000, show_default=True)
