@@ -32,7 +32,7 @@ lint:
 	$(BIN)/ruff check .
 
 typecheck:
-	$(BIN)/mypy core spotex ledger edge jobs cockpit benchmarks
+	$(BIN)/mypy core spotex ledger edge jobs cockpit benchmarks runbooks
 
 pytest:
 	$(BIN)/pytest -q

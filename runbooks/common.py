@@ -176,7 +176,7 @@ async def journal_commands(nats_url: str) -> list[Any]:
         info = await js.stream_info(JOURNAL_STREAM)
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(JOURNAL_STREAM, seq)
-            out.extend(decode_journal(msg.data))
+            out.extend(decode_journal(msg.data or b""))
     finally:
         await nc.close()
     return out
