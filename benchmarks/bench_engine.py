@@ -119,9 +119,9 @@ class _Flow:
         if rng.random() < 0.7 or view.price_ticks is None:
             new_qty = max(view.filled_qty_lots + 1, view.qty_lots - rng.randint(1, 5))
             return AmendOrder(account_id=view.account_id, symbol=sym, order_id=oid, new_qty_lots=new_qty)
-        s = 1 if view.side is Side.BUY else -1
+        sign = 1 if view.side is Side.BUY else -1
         return AmendOrder(account_id=view.account_id, symbol=sym, order_id=oid,
-                          new_price_ticks=mid - s * rng.randint(1, 60))
+                          new_price_ticks=mid - sign * rng.randint(1, 60))
 
 
 def _loadavg() -> float | None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from spotex.testing import spotex_cli
-
 from runbooks.guardrails_drill import SAFE_PRODUCTION_ENV as SAFE
 from runbooks.guardrails_drill import UNSAFE_CASES as CASES
+from spotex.testing import spotex_cli
 
 
 @pytest.mark.parametrize(("service", "unsafe", "needle"), CASES)
