@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -404,6 +405,16 @@ def _market_configs(cfg: Config) -> list[MarketConfig]:
                           taker_fee_bps=m.taker_fee_bps) for m in cfg.markets]
 
 
+def _optional_module(name: str) -> Any:
+    """Market data and WebSocket are mounted when their modules are installed."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
 def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None = None,
                markets: list[MarketConfig] | None = None, box: SecretBox | None = None,
                connect: bool = True) -> Litestar:
@@ -412,16 +423,8 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
     state = EdgeState(cfg=cfg, markets={m.symbol: m for m in mkts},
                       asset_scales={a.symbol: a.decimals for a in cfg.assets})
 
-    md_mod: Any = None
-    ws_mod: Any = None
-    try:
-        import edge.marketdata as md_mod
-    except ImportError:
-        md_mod = None
-    try:
-        import edge.ws as ws_mod
-    except ImportError:
-        ws_mod = None
+    md_mod: Any = _optional_module("edge.marketdata")
+    ws_mod: Any = _optional_module("edge.ws")
     if md_mod is not None:
         try:
             state.md = md_mod.MarketData(mkts)
