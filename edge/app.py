@@ -460,6 +460,8 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
             except Exception:
                 log.exception("market data failed to start")
         if state.hub is not None:
+            # The signed LOGON of private channels uses the same verifier as REST, created above.
+            state.hub.verifier = state.verifier
             with contextlib.suppress(Exception):
                 await state.hub.start()
         purge = asyncio.create_task(_purge_loop(state))

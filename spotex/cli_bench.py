@@ -62,13 +62,13 @@ def register(main: click.Group) -> None:
 
         _print(run(orders, concurrency, rate, stack_dir))
 
-    @bench.command("settlement")
-    @click.option("--trades", default=1_000_000, show_default=True)
-    @click.option("--batch-max", default=1_000, show_default=True, help="Events per PostgreSQL transaction.")
-    @click.option("--events-per-msg", default=100, show_default=True, help="Events per EVT message.")
+    @bench.command("ws")
+    @click.option("--clients", default=10_000, show_default=True)
+    @click.option("--sample", default=100, show_default=True, help="Connections that parse and time every frame.")
+    @click.option("--step-s", default=3.0, show_default=True, help="Seconds per offered-rate step.")
     @click.option("--json", "as_json", is_flag=True)
-    def bench_settlement(trades: int, batch_max: int, events_per_msg: int, as_json: bool) -> None:
-        """Ledger: N trades exactly once into PostgreSQL through the real consumer (scratch NATS + PG)."""
-        from benchmarks.bench_settlement import run
+    def bench_ws(clients: int, sample: int, step_s: float, as_json: bool) -> None:
+        """WebSocket fan-out: N subscribers (3 symbols, trades + book) on one edge process, loopback."""
+        from benchmarks.bench_ws import run
 
-        _print(run(trades, batch_max=batch_max, events_per_msg=events_per_msg))
+        _print(run(clients, sample=sample, step_s=step_s))

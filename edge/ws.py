@@ -1,0 +1,1111 @@
+"""The public WebSocket API (``/v1/ws``): market-data fan-out and private account channels.
+
+Protocol (docs/ws.md is the reference): client ops ``SUB``/``UNSUB``/``RESUME``/``PING``/``LOGON``;
+server frames ``{"type","channel","symbol","seq","prevSeq","ts","data"}``.
+
+How it stays cheap (one ASGI ``send`` costs ~40 us here):
+
+- Every update is encoded ONCE per channel (a channel is ``trades|book|ticker|candles`` x symbol x
+  depth/interval), appended to the channel's pending list and to its resume ring.
+- A flush task wakes when anything is pending, waits ``flush_ms`` to let a batch form, then joins
+  each channel's pending frames into one blob, gives the blob to every subscriber and writes each
+  connection's blobs with ONE ``transport.write`` of pre-framed WebSocket bytes (server frames are
+  unmasked, so a frame is just a 2-10 byte header + the JSON). Under load a flush carries more frames,
+  so the write count follows the number of connections, not the number of frames.
+- The raw path uses the asyncio transport of the ASGI server's protocol (uvicorn's three WebSocket
+  implementations all expose it); under a server that does not, each connection falls back to a
+  bounded queue drained by ``send`` calls.
+
+Backpressure: a connection whose kernel+transport backlog exceeds ``lag_bytes`` is LAGGING: its
+frames are dropped (counted per channel), and once the backlog drains it gets, per affected channel,
+``Missed`` (reason ``LAGGING``, the seq range) and, for book/ticker/candles, a fresh ``Snapshot``;
+trades are never conflated and never dropped silently (the client can ``RESUME`` them from the
+ring). A connection lagging for longer than ``slow_close_s`` (or lagging ``slow_episodes`` times in a
+minute) is closed with 4001 ``SLOW_CONSUMER`` after a ``Shutdown`` frame.
+
+Overload mode (``edge.ws_overload_mode`` or :meth:`WsHub.set_overload`): book, ticker and candle
+channels are conflated — latest state only, flushed every ``conflate_ms`` — and the default book
+depth drops to ``edge.ws_overload_depth``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from litestar import asgi
+from prometheus_client import Counter, Gauge, Histogram
+
+from core.wire import (
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderRejected,
+    Side,
+    TradeExecuted,
+)
+from edge.marketdata import (
+    BOOK_DEPTHS,
+    INTERVALS,
+    MarketData,
+    MarketUpdate,
+    TradeRow,
+    book_json,
+    candle_json,
+    ticker_json,
+    trade_json,
+)
+
+__all__ = ["PRIVATE_CHANNELS", "PUBLIC_CHANNELS", "LocalEdge", "WsHub", "WsLimits", "ws_frame"]
+
+log = logging.getLogger("spotex.edge.ws")
+
+PUBLIC_CHANNELS = ("trades", "book", "ticker", "candles")
+PRIVATE_CHANNELS = ("orders", "fills", "balances")
+WS_PATH = "/v1/ws"
+
+WS_CLIENTS = Gauge("ws_connected_clients", "Connected WebSocket clients")
+WS_FRAMES = Counter("ws_frames_out_total", "WebSocket frames written to clients")
+WS_WRITES = Counter("ws_writes_total", "Socket writes (each carries one or more frames)")
+WS_DROPPED = Counter("ws_dropped_frames_total", "Frames not delivered to a lagging client", ["channel"])
+WS_CLOSE = Counter("ws_close_total", "WebSocket connections closed, by reason", ["reason"])
+WS_BACKLOG_MAX = Gauge("ws_backlog_bytes_max", "Largest outbound backlog of one connection at the last flush")
+WS_BACKLOG_TOTAL = Gauge("ws_backlog_bytes_total", "Outbound backlog summed over connections at the last flush")
+WS_RESUME_GAPS = Counter("ws_resume_gaps", "RESUME requests whose lastSeq was no longer in the buffer")
+WS_ERRORS = Counter("ws_errors_total", "Error frames sent, by code", ["code"])
+WS_FLUSH = Histogram("ws_flush_seconds", "Duration of one fan-out flush (all connections)",
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+WS_OVERLOAD = Gauge("ws_overload_mode", "1 while book/ticker/candle conflation is on")
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder()
+
+
+class WsLimits(msgspec.Struct, frozen=True, kw_only=True):
+    max_connections_per_ip: int = 200
+    max_subscriptions: int = 50
+    commands_per_s: float = 20.0
+    commands_burst: int = 50
+    heartbeat_s: float = 10.0
+    flush_ms: float = 5.0
+    conflate_ms: float = 250.0
+    lag_bytes: int = 1 << 20  # backlog that makes a connection LAGGING
+    sndbuf_bytes: int = 256 << 10  # kernel send buffer per connection (0 = the OS default, autotuned)
+    resume_bytes: int = 64 << 10  # backlog below which it recovers
+    slow_close_s: float = 5.0
+    slow_episodes: int = 3
+    close_grace_s: float = 5.0  # a closing client has this long to read its backlog + Shutdown + close frame
+    ring_frames: int = 4_096  # resume buffer per channel
+    fallback_queue: int = 2_048  # frames, when the raw transport is not available
+    default_depth: int = 50
+    overload_depth: int = 20
+    overload: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> WsLimits:
+        """From an EdgeSection (or a Config with ``.edge``); missing ``ws_*`` fields keep defaults."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, WsLimits):
+            return cfg
+        edge = getattr(cfg, "edge", cfg)
+        kw: dict[str, Any] = {}
+        for f in cls.__struct_fields__:
+            for name in (f"ws_{f}", f):
+                if name in ("overload", "ws_overload"):
+                    name = "ws_overload_mode"
+                v = getattr(edge, name, None)
+                if v is not None and not callable(v):
+                    kw[f] = v
+                    break
+        return cls(**kw)
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """An unmasked, final text frame (RFC 6455 §5.2) around ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return b"\x81" + bytes((n,)) + payload
+    if n < 65_536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+def _payload(type_: str, channel: str | None, symbol: str | None, seq: int | None, prev: int | None, ts: int,
+             data: Any) -> bytes:
+    return _enc.encode({"type": type_, "channel": channel, "symbol": symbol, "seq": seq, "prevSeq": prev,
+                        "ts": ts, "data": data})
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+Key = tuple[str, Any, Any]  # (channel, symbol or account, depth / interval / None)
+
+
+class _Channel:
+    __slots__ = (
+        "conf_book",
+        "conf_candles",
+        "dirty",
+        "key",
+        "last_seq",
+        "new_subs",
+        "pending",
+        "pending_seqs",
+        "ring",
+        "subs",
+        "view_asks",
+        "view_bids",
+    )
+
+    def __init__(self, key: Key, last_seq: int, ring: int) -> None:
+        self.key = key
+        self.subs: set[_Conn] = set()
+        self.new_subs: dict[_Conn, int] = {}  # joined while frames were pending: skip that many
+        self.pending: list[bytes] = []
+        self.pending_seqs: list[int] = []
+        self.ring: deque[tuple[int, int, bytes]] = deque(maxlen=ring)  # (seq, prevSeq, payload)
+        self.last_seq = last_seq
+        self.conf_book: dict[tuple[Side, int], int] = {}
+        self.dirty = False
+        self.conf_candles: dict[int, Any] = {}
+        self.view_bids: set[int] = set()
+        self.view_asks: set[int] = set()
+
+    def push(self, seq: int, payload: bytes, *, keep: bool = True) -> None:
+        if keep:
+            self.ring.append((seq, self.last_seq, payload))
+        self.pending.append(payload)
+        self.pending_seqs.append(seq)
+        self.last_seq = seq
+
+    def covers(self, last_seq: int) -> bool:
+        """Can the frames after ``last_seq`` be replayed from the ring?"""
+        if last_seq == self.last_seq:
+            return True
+        return bool(self.ring) and self.ring[0][1] <= last_seq < self.last_seq
+
+
+class _Conn:
+    __slots__ = (
+        "closed",
+        "frames",
+        "id",
+        "ip",
+        "lag_since",
+        "lag_times",
+        "lagging",
+        "logon_pending",
+        "missed",
+        "out",
+        "out_n",
+        "out_seqs",
+        "principal",
+        "queue",
+        "send",
+        "sender",
+        "subs",
+        "tok_ts",
+        "tokens",
+        "transport",
+    )
+
+    def __init__(self, cid: int, ip: str, send: Callable[[Any], Awaitable[None]], transport: Any) -> None:
+        self.id = cid
+        self.ip = ip
+        self.send = send
+        self.transport = transport
+        self.out: list[bytes] = []
+        self.out_seqs: list[tuple[_Channel, int, int, int]] = []  # (channel, first, last, count)
+        self.subs: set[Key] = set()
+        self.lagging = False
+        self.lag_since = 0.0
+        self.lag_times: deque[float] = deque(maxlen=16)
+        self.missed: dict[Key, list[int]] = {}  # key -> [first seq, last seq, frames]
+        self.tokens = 0.0
+        self.tok_ts = 0.0
+        self.principal: Any = None
+        self.closed = False
+        self.queue: asyncio.Queue[bytes | None] | None = None
+        self.sender: asyncio.Task[None] | None = None
+        self.frames = 0
+        self.out_n = 0
+        self.logon_pending = False
+
+    def backlog(self) -> int:
+        if self.transport is not None:
+            try:
+                return int(self.transport.get_write_buffer_size())
+            except Exception:
+                return 0
+        return self.queue.qsize() if self.queue is not None else 0
+
+
+def _transport_of(send: Any, depth: int = 0) -> Any:
+    """The asyncio transport behind an ASGI ``send``: uvicorn's ``send`` is a bound method of its
+    protocol (which holds ``transport``); Litestar's middleware wraps it in closures, so those are
+    unwrapped too (a few levels at most). None when it cannot be found: the queue fallback is used."""
+    owner = getattr(send, "__self__", None)
+    tr = getattr(owner, "transport", None)
+    if tr is not None and hasattr(tr, "write") and hasattr(tr, "get_write_buffer_size"):
+        return tr
+    if depth >= 4:
+        return None
+    for cell in getattr(send, "__closure__", None) or ():
+        try:
+            inner = cell.cell_contents
+        except ValueError:
+            continue
+        if callable(inner):
+            tr = _transport_of(inner, depth + 1)
+            if tr is not None:
+                return tr
+    return None
+
+
+class WsHub:
+    """WebSocket fan-out. ``WsHub(md, cfg, verifier)``; ``handlers()`` gives the Litestar route."""
+
+    def __init__(self, md: MarketData, cfg: Any = None, verifier: Any = None) -> None:
+        self.md = md
+        self.limits = WsLimits.from_config(cfg)
+        self.verifier = verifier
+        self.overload = self.limits.overload
+        WS_OVERLOAD.set(1 if self.overload else 0)
+        self.conns: set[_Conn] = set()
+        self.by_ip: dict[str, int] = {}
+        self.channels: dict[Key, _Channel] = {}
+        self.dirty_channels: set[_Channel] = set()
+        self.stats: dict[str, int] = {"frames_out": 0, "bytes_out": 0, "writes": 0, "dropped": 0, "resume_gaps": 0,
+                                      "closes": 0,
+                                      "slow_consumer_closes": 0, "missed_notices": 0}
+        self.closes: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._next_id = 0
+        self._running = False
+        self._last_conflate = 0.0
+        self._private_n = 0
+        self._lagging = 0  # connections currently LAGGING
+        self._closing: set[_Conn] = set()
+        self.flush_times: deque[float] = deque(maxlen=4096)
+        md.listeners.append(self._on_update)
+        for s in md.symbols():
+            self._channel(("trades", s, None))
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def handlers(self) -> list[Any]:
+        hub = self
+
+        @asgi(WS_PATH, copy_scope=False)
+        async def ws_endpoint(scope: Any, receive: Any, send: Any) -> None:
+            await hub.serve(scope, receive, send)
+
+        return [ws_endpoint]
+
+    async def start(self) -> None:
+        self._running = True
+        self._tasks = [asyncio.create_task(self._flush_loop(), name="ws-flush"),
+                       asyncio.create_task(self._heartbeat_loop(), name="ws-heartbeat")]
+
+    async def stop(self) -> None:
+        """Shutdown frame to everyone, then close each connection (1001)."""
+        self._running = False
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks = []
+        await asyncio.gather(*(self._close(c, 1001, "SHUTDOWN") for c in list(self.conns)),
+                             return_exceptions=True)
+
+    def set_overload(self, on: bool) -> None:
+        """Runtime toggle (admin API): conflate book/ticker/candles and lower the default depth."""
+        if on == self.overload:
+            return
+        self.overload = on
+        WS_OVERLOAD.set(1 if on else 0)
+        log.warning("ws overload mode %s", "ON" if on else "OFF")
+        self._wake.set()
+
+    @property
+    def default_depth(self) -> int:
+        return self.limits.overload_depth if self.overload else self.limits.default_depth
+
+    def status(self) -> dict[str, Any]:
+        backlogs = [c.backlog() for c in self.conns]
+        return {"clients": len(self.conns), "overload": self.overload, "default_depth": self.default_depth,
+                "channels": len(self.channels), "backlog_max": max(backlogs, default=0),
+                "lagging": sum(1 for c in self.conns if c.lagging), "closes": dict(self.closes), **self.stats}
+
+    # ---- connection handling --------------------------------------------------------------------
+
+    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "websocket":
+            await send({"type": "http.response.start", "status": 426,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"code":"UPGRADE_REQUIRED"}'})
+            return
+        msg = await receive()
+        if msg.get("type") != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        ip = (scope.get("client") or ("?", 0))[0]
+        self._next_id += 1
+        conn = _Conn(self._next_id, ip, send, _transport_of(send))
+        if conn.transport is not None:
+            # Small frames must not wait for Nagle + the peer's delayed ACK (~40 ms on loopback).
+            # A bounded kernel buffer keeps the backlog where the hub can see it (an autotuned one
+            # grows to megabytes per connection and hides a stalled reader).
+            with contextlib.suppress(Exception):
+                import socket
+
+                sock = conn.transport.get_extra_info("socket")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.limits.sndbuf_bytes:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.sndbuf_bytes)
+        conn.tokens = float(self.limits.commands_burst)
+        conn.tok_ts = time.monotonic()
+        if conn.transport is None:
+            conn.queue = asyncio.Queue(maxsize=self.limits.fallback_queue)
+            conn.sender = asyncio.create_task(self._sender(conn))
+        if self.by_ip.get(ip, 0) >= self.limits.max_connections_per_ip:
+            self._error(conn, "TOO_MANY_CONNECTIONS",
+                        f"at most {self.limits.max_connections_per_ip} connections per IP")
+            await self._close(conn, 1008, "TOO_MANY_CONNECTIONS", registered=False)
+            return
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        self.conns.add(conn)
+        WS_CLIENTS.set(len(self.conns))
+        reason = "CLIENT"
+        try:
+            while not conn.closed:
+                msg = await receive()
+                t = msg.get("type")
+                if t == "websocket.receive":
+                    text = msg.get("text")
+                    if text is None:
+                        text = (msg.get("bytes") or b"").decode("utf-8", "replace")
+                    await self._on_text(conn, text)
+                elif t == "websocket.disconnect":
+                    break
+        except Exception as exc:  # connection reset and the like
+            reason = "ERROR"
+            log.debug("ws %d: %r", conn.id, exc)
+        finally:
+            if not conn.closed:
+                conn.closed = True
+                self._count_close(reason)
+            self._forget(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        if conn.lagging:
+            conn.lagging = False
+            self._lagging -= 1
+        n = self.by_ip.get(conn.ip, 1) - 1
+        if n <= 0:
+            self.by_ip.pop(conn.ip, None)
+        else:
+            self.by_ip[conn.ip] = n
+        for key in conn.subs:
+            ch = self.channels.get(key)
+            if ch is not None:
+                ch.subs.discard(conn)
+                ch.new_subs.pop(conn, None)
+        conn.subs.clear()
+        if conn.sender is not None:
+            conn.sender.cancel()
+        WS_CLIENTS.set(len(self.conns))
+
+    def _count_close(self, reason: str) -> None:
+        WS_CLOSE.labels(reason).inc()
+        self.closes[reason] = self.closes.get(reason, 0) + 1
+        self.stats["closes"] += 1
+
+    async def _close(self, conn: _Conn, code: int, reason: str, *, registered: bool = True) -> None:
+        """Server-initiated close: a Shutdown frame first, always."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self._count_close(reason)
+        self._write_now(conn, [_payload("Shutdown", None, None, None, None, _now_ms(),
+                                        {"code": code, "reason": reason})], force=True)
+        try:
+            await asyncio.wait_for(conn.send({"type": "websocket.close", "code": code, "reason": reason}),
+                                   self.limits.close_grace_s)
+        except Exception:
+            if conn.transport is not None:
+                with contextlib.suppress(Exception):
+                    conn.transport.abort()
+        self._closing.discard(conn)
+        if registered:
+            self._forget(conn)
+
+    async def _sender(self, conn: _Conn) -> None:
+        q = conn.queue
+        assert q is not None
+        with contextlib.suppress(Exception):
+            while True:
+                p = await q.get()
+                if p is None:
+                    return
+                await conn.send({"type": "websocket.send", "text": p.decode()})
+
+    def _write_now(self, conn: _Conn, payloads: list[bytes], *, force: bool = False) -> None:
+        """Direct write of control/snapshot frames (ahead of the next flush)."""
+        if not payloads or (conn.closed and not force):
+            return
+        if conn.transport is not None:
+            data = b"".join(ws_frame(p) for p in payloads)
+            self.stats["bytes_out"] += len(data)
+            with contextlib.suppress(Exception):
+                conn.transport.write(data)
+        elif conn.queue is not None:
+            for p in payloads:
+                with contextlib.suppress(asyncio.QueueFull):
+                    conn.queue.put_nowait(p)
+        n = len(payloads)
+        conn.frames += n
+        self.stats["frames_out"] += n
+        self.stats["writes"] += 1
+        WS_FRAMES.inc(n)
+        WS_WRITES.inc()
+
+    def _error(self, conn: _Conn, code: str, detail: str, op: Any = None) -> None:
+        WS_ERRORS.labels(code).inc()
+        data: dict[str, Any] = {"code": code, "detail": detail}
+        if op is not None:
+            data["op"] = op
+        self._write_now(conn, [_payload("Error", None, None, None, None, _now_ms(), data)])
+
+    # ---- client ops -----------------------------------------------------------------------------
+
+    def _take_token(self, conn: _Conn) -> bool:
+        now = time.monotonic()
+        lim = self.limits
+        conn.tokens = min(float(lim.commands_burst), conn.tokens + (now - conn.tok_ts) * lim.commands_per_s)
+        conn.tok_ts = now
+        if conn.tokens < 1.0:
+            return False
+        conn.tokens -= 1.0
+        return True
+
+    async def _on_text(self, conn: _Conn, text: str) -> None:
+        if not self._take_token(conn):
+            self._error(conn, "RATE_LIMITED", f"at most {self.limits.commands_per_s:g} ops/s per connection")
+            return
+        try:
+            req = _dec.decode(text)
+        except msgspec.DecodeError:
+            self._error(conn, "BAD_REQUEST", "frames must be JSON objects")
+            return
+        if not isinstance(req, dict):
+            self._error(conn, "BAD_REQUEST", "frames must be JSON objects")
+            return
+        op = req.get("op")
+        if op == "PING":
+            self._write_now(conn, [_payload("Pong", None, None, None, None, _now_ms(), {"id": req.get("id")})])
+        elif op == "SUB" or op == "RESUME":
+            self._sub(conn, req, op)
+        elif op == "UNSUB":
+            self._unsub(conn, req)
+        elif op == "LOGON":
+            await self._logon(conn, req)
+        else:
+            self._error(conn, "BAD_REQUEST", "op must be SUB, UNSUB, RESUME, PING or LOGON", op)
+
+    def _key(self, conn: _Conn, req: dict[str, Any], op: str) -> Key | None:
+        channel = req.get("channel")
+        if channel in PRIVATE_CHANNELS:
+            if conn.principal is None:
+                self._error(conn, "AUTH_REQUIRED", "LOGON before subscribing to private channels", op)
+                return None
+            return (channel, conn.principal.account_id, None)
+        if channel not in PUBLIC_CHANNELS:
+            self._error(conn, "UNKNOWN_CHANNEL", f"channel must be one of {list(PUBLIC_CHANNELS + PRIVATE_CHANNELS)}",
+                        op)
+            return None
+        symbol = req.get("symbol")
+        if not isinstance(symbol, str) or not self.md.has(symbol):
+            self._error(conn, "UNKNOWN_SYMBOL", f"{symbol!r} is not a listed market", op)
+            return None
+        if channel == "book":
+            depth = req.get("depth")
+            if depth is None:
+                depth = self.default_depth
+            if depth not in BOOK_DEPTHS or isinstance(depth, bool):
+                self._error(conn, "INVALID_DEPTH", f"depth must be one of {list(BOOK_DEPTHS)}", op)
+                return None
+            return ("book", symbol, depth)
+        if channel == "candles":
+            interval = req.get("interval", "1m")
+            if interval not in INTERVALS:
+                self._error(conn, "INVALID_INTERVAL", f"interval must be one of {list(INTERVALS)}", op)
+                return None
+            return ("candles", symbol, interval)
+        return (channel, symbol, None)
+
+    def _channel(self, key: Key) -> _Channel:
+        ch = self.channels.get(key)
+        if ch is None:
+            name, sym, param = key
+            last = 0
+            if name == "trades":
+                tr = self.md.trades(sym, 1)
+                last = tr[0].seq if tr else 0
+            elif name == "book":
+                snap = self.md.book(sym, param)
+                last = snap.seq
+                ch_bids, ch_asks = snap.bids, snap.asks
+            elif name in ("ticker", "candles"):
+                last = self.md.seq(sym)
+            ch = self.channels[key] = _Channel(key, last, self.limits.ring_frames)
+            if name in PRIVATE_CHANNELS:
+                self._private_n += 1
+            if name == "book":
+                ch.view_bids = {p for p, _ in ch_bids}
+                ch.view_asks = {p for p, _ in ch_asks}
+                self.md.tracked_depths.add(param)
+        return ch
+
+    def _sub(self, conn: _Conn, req: dict[str, Any], op: str) -> None:
+        key = self._key(conn, req, op)
+        if key is None:
+            return
+        if key not in conn.subs and len(conn.subs) >= self.limits.max_subscriptions:
+            self._error(conn, "TOO_MANY_SUBSCRIPTIONS", f"at most {self.limits.max_subscriptions} per connection", op)
+            return
+        # A different depth or interval of the same channel and symbol replaces the old one.
+        for old in [k for k in conn.subs if k[0] == key[0] and k[1] == key[1] and k != key]:
+            self._drop_sub(conn, old)
+        ch = self._channel(key)
+        conn.subs.add(key)
+        ch.subs.add(conn)
+        if ch.pending:
+            ch.new_subs[conn] = len(ch.pending)  # those are older than what we send now
+        conn.missed.pop(key, None)
+        if op == "RESUME":
+            last = req.get("lastSeq")
+            if not isinstance(last, int) or isinstance(last, bool) or last < 0:
+                self._error(conn, "BAD_REQUEST", "RESUME needs an integer lastSeq >= 0", op)
+                return
+            if ch.covers(last):
+                self._write_now(conn, [p for s, _prev, p in ch.ring if s > last])
+                return
+            self.stats["resume_gaps"] += 1
+            WS_RESUME_GAPS.inc()
+            oldest = ch.ring[0][1] if ch.ring else ch.last_seq
+            self._write_now(conn, [_payload("Missed", key[0], self._sym(key), ch.last_seq, last, _now_ms(),
+                                            {"reason": "HISTORY_GAP", "lastSeq": last, "oldestSeq": oldest})])
+        self._write_now(conn, [self._snapshot(ch)])
+
+    @staticmethod
+    def _sym(key: Key) -> Any:
+        return None if key[0] in PRIVATE_CHANNELS else key[1]
+
+    def _unsub(self, conn: _Conn, req: dict[str, Any]) -> None:
+        channel, symbol = req.get("channel"), req.get("symbol")
+        keys = [k for k in conn.subs if k[0] == channel and (k[1] == symbol or channel in PRIVATE_CHANNELS)]
+        if not keys:
+            self._error(conn, "NOT_SUBSCRIBED", f"not subscribed to {channel} {symbol}", "UNSUB")
+            return
+        for k in keys:
+            self._drop_sub(conn, k)
+
+    def _drop_sub(self, conn: _Conn, key: Key) -> None:
+        conn.subs.discard(key)
+        ch = self.channels.get(key)
+        if ch is not None:
+            ch.subs.discard(conn)
+            ch.new_subs.pop(conn, None)
+
+    async def _logon(self, conn: _Conn, req: dict[str, Any]) -> None:
+        """``{"op":"LOGON","apiKey","ts","signature"}``: the signature is the REST one over
+        ``GET\\n/v1/ws\\n<ts>\\n`` (empty body), checked by the edge's RequestVerifier."""
+        if self.verifier is None:
+            self._error(conn, "AUTH_UNAVAILABLE", "private channels are not enabled on this edge", "LOGON")
+            return
+        try:
+            ts = None if req.get("ts") is None else str(req["ts"])
+            p = await self.verifier.verify(api_key=req.get("apiKey"), ts=ts,
+                                           signature=req.get("signature"), method="GET", path_with_query=WS_PATH,
+                                           body=b"", required_scope="read")
+        except Exception as exc:
+            self._error(conn, getattr(exc, "code", "AUTH_FAILED"), getattr(exc, "detail", "authentication failed"),
+                        "LOGON")
+            return
+        conn.principal = p
+        self._write_now(conn, [_payload("Snapshot", "logon", None, None, None, _now_ms(),
+                                        {"accountId": p.account_id, "scopes": sorted(p.scopes)})])
+
+    # ---- snapshots ------------------------------------------------------------------------------
+
+    def _snapshot(self, ch: _Channel) -> bytes:
+        name, sym, param = ch.key
+        md = self.md
+        if name == "book":
+            snap = md.book(sym, param)
+            data = book_json(md, snap)
+            data["depth"] = param
+            return _payload("Snapshot", "book", sym, ch.last_seq, None, _now_ms(), data)
+        if name == "trades":
+            f = md.formatter(sym)
+            return _payload("Snapshot", "trades", sym, ch.last_seq, None, _now_ms(),
+                            {"trades": [trade_json(f, t) for t in md.trades(sym, 50)]})
+        if name == "ticker":
+            return _payload("Snapshot", "ticker", sym, ch.last_seq, None, _now_ms(),
+                            ticker_json(md.formatter(sym), md.ticker(sym)))
+        if name == "candles":
+            f = md.formatter(sym)
+            return _payload("Snapshot", "candles", sym, ch.last_seq, None, _now_ms(),
+                            {"interval": param, "candles": [candle_json(f, c) for c in md.candles(sym, param, 10)]})
+        if name == "balances":
+            return _payload("Snapshot", "balances", None, None, None, _now_ms(),
+                            {"balances": [{"asset": a, "available": v[0], "hold": v[1]}
+                                          for a, v in sorted(md.balances_of(sym).items())]})
+        return _payload("Snapshot", name, None, ch.last_seq, None, _now_ms(), {})
+
+    # ---- updates from the projections -----------------------------------------------------------
+
+    def _on_update(self, upd: MarketUpdate) -> None:
+        sym = upd.symbol
+        chans = self.channels
+        if not self.md.ready.is_set():
+            # Rebuilding from history: no client can be waiting for these frames; only keep the
+            # channels' seqs current (a RESUME into that history gets HISTORY_GAP + Snapshot).
+            for ch in chans.values():
+                name, csym, _param = ch.key
+                if csym != sym:
+                    continue
+                if name == "trades" and upd.trades:
+                    ch.last_seq = upd.trades[-1].seq
+                elif name == "book" and upd.changes:
+                    ch.last_seq = upd.book_seq
+            return
+        if upd.trades:
+            ch = chans.get(("trades", sym, None)) or self._channel(("trades", sym, None))
+            f = self.md.formatter(sym)
+            for t in upd.trades:
+                ch.push(t.seq, _payload("TradeExecuted", "trades", sym, t.seq, ch.last_seq, t.ts_ms, trade_json(f, t)))
+            self.dirty_channels.add(ch)
+        if upd.changes:
+            for d in BOOK_DEPTHS:
+                bch = chans.get(("book", sym, d))
+                if bch is not None:
+                    self._book_update(bch, upd, d)
+        if upd.ticker_changed:
+            tch = chans.get(("ticker", sym, None))
+            if tch is not None and tch.subs:
+                tch.dirty = True
+                self.dirty_channels.add(tch)
+        if upd.candles:
+            for name, row in upd.candles:
+                cch = chans.get(("candles", sym, name))
+                if cch is not None and cch.subs:
+                    cch.conf_candles[row.open_ms] = row
+                    cch.dirty = True
+                    self.dirty_channels.add(cch)
+        if self._private_n:
+            self._private(upd)
+        if self.dirty_channels:
+            self._wake.set()
+
+    def _book_update(self, ch: _Channel, upd: MarketUpdate, depth: int) -> None:
+        """The depth-limited view's changes: changed levels inside the new top-``depth``, levels that
+        left it (sent as removed, so a client's copy is exactly the top ``depth``) and levels that
+        entered it (sent with their quantity)."""
+        book = self.md._market(upd.symbol).book
+        new_b = book.top_bid_prices(depth)
+        new_a = book.top_ask_prices(depth)
+        nb, na = set(new_b), set(new_a)
+        changed_b = {p for s, p, _ in upd.changes if s is Side.BUY}
+        changed_a = {p for s, p, _ in upd.changes if s is Side.SELL}
+        out_b: dict[int, int] = {}
+        out_a: dict[int, int] = {}
+        for view, new, changed, out, levels in ((ch.view_bids, nb, changed_b, out_b, book.bids),
+                                                (ch.view_asks, na, changed_a, out_a, book.asks)):
+            for p in view - new:
+                out[p] = 0
+            for p in new:
+                if p not in view or p in changed:
+                    out[p] = levels[p]
+        ch.view_bids, ch.view_asks = nb, na
+        if not out_b and not out_a:
+            return
+        if not ch.subs and not ch.ring:
+            ch.last_seq = upd.book_seq
+            return
+        if self.overload:
+            for p, q in out_b.items():
+                ch.conf_book[(Side.BUY, p)] = q
+            for p, q in out_a.items():
+                ch.conf_book[(Side.SELL, p)] = q
+            ch.dirty = True
+            self.dirty_channels.add(ch)
+            return
+        if ch.conf_book:  # overload was just switched off: send the conflated rest first
+            self._materialize(ch, upd.ts_ms)
+        f = self.md.formatter(upd.symbol)
+        data = {"bids": [[f.price(p), f.qty(q)] for p, q in out_b.items()],
+                "asks": [[f.price(p), f.qty(q)] for p, q in out_a.items()], "checksum": upd.checksum}
+        ch.push(upd.book_seq, _payload("OrderbookUpdated", "book", upd.symbol, upd.book_seq, ch.last_seq, upd.ts_ms,
+                                       data))
+        self.dirty_channels.add(ch)
+
+    def _private(self, upd: MarketUpdate) -> None:
+        chans = self.channels
+        touched: dict[int, set[str]] = {}
+        for e in upd.events:
+            moves = getattr(e, "moves", None)
+            if moves:
+                for mv in moves:
+                    if ("balances", mv.account_id, None) in chans:
+                        touched.setdefault(mv.account_id, set()).add(mv.asset)
+            if isinstance(e, (OrderAccepted, OrderCanceled, OrderAmended, OrderRejected)):
+                ch = chans.get(("orders", e.account_id, None))
+                if ch is not None:
+                    data = msgspec.to_builtins(e)
+                    data.pop("moves", None)
+                    ch.push(e.seq, _payload(type(e).__name__, "orders", e.symbol, e.seq, None, e.occurred_at, data),
+                            keep=False)
+                    self.dirty_channels.add(ch)
+            elif isinstance(e, TradeExecuted):
+                for acct, role in ((e.taker_account_id, "TAKER"), (e.maker_account_id, "MAKER")):
+                    ch = chans.get(("fills", acct, None))
+                    if ch is not None:
+                        f = self.md.formatter(e.symbol)
+                        row = TradeRow(e.trade_id, e.seq, e.price_ticks, e.qty_lots, e.quote_amount,
+                                       str(e.taker_side), e.occurred_at)
+                        data = {**trade_json(f, row), "role": role,
+                                "orderId": e.taker_order_id if role == "TAKER" else e.maker_order_id,
+                                "fee": str(e.taker_fee if role == "TAKER" else e.maker_fee),
+                                "feeAsset": e.taker_fee_asset if role == "TAKER" else e.maker_fee_asset}
+                        ch.push(e.seq, _payload("TradeExecuted", "fills", e.symbol, e.seq, None, e.occurred_at, data),
+                                keep=False)
+                        self.dirty_channels.add(ch)
+        for acct, assets in touched.items():
+            ch = chans[("balances", acct, None)]
+            bal = self.md.balances_of(acct)
+            ch.push(upd.seq, _payload("BalanceUpdated", "balances", None, None, None, upd.ts_ms,
+                                      {"balances": [{"asset": a, "available": bal[a][0], "hold": bal[a][1]}
+                                                    for a in sorted(assets) if a in bal]}), keep=False)
+            self.dirty_channels.add(ch)
+
+    # ---- flushing -------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        lim = self.limits
+        while self._running:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=lim.conflate_ms / 1000)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if lim.flush_ms > 0:
+                await asyncio.sleep(lim.flush_ms / 1000)
+            t0 = time.perf_counter()
+            try:
+                self.flush()
+            except Exception:
+                log.exception("ws flush failed")
+            dt = time.perf_counter() - t0
+            WS_FLUSH.observe(dt)
+            self.flush_times.append(dt)
+
+    def _materialize(self, ch: _Channel, now_ms: int) -> None:
+        name, sym, param = ch.key
+        ch.dirty = False
+        md = self.md
+        if name == "book":
+            if not ch.conf_book:
+                return
+            f = md.formatter(sym)
+            snap_seq = md.book(sym, 1).seq
+            bids = [[f.price(p), f.qty(q)] for (s, p), q in ch.conf_book.items() if s is Side.BUY]
+            asks = [[f.price(p), f.qty(q)] for (s, p), q in ch.conf_book.items() if s is Side.SELL]
+            ch.conf_book = {}
+            cs = md._market(sym).checksum
+            ch.push(snap_seq, _payload("OrderbookUpdated", "book", sym, snap_seq, ch.last_seq, now_ms,
+                                       {"bids": bids, "asks": asks, "checksum": cs, "conflated": True}))
+        elif name == "ticker":
+            t = md.ticker(sym)
+            ch.push(t.seq, _payload("TickerUpdated", "ticker", sym, t.seq, ch.last_seq, t.ts_ms,
+                                    ticker_json(md.formatter(sym), t)))
+        elif name == "candles":
+            f = md.formatter(sym)
+            seq = md.seq(sym)
+            for _open, row in sorted(ch.conf_candles.items()):
+                ch.push(seq, _payload("CandleUpdated", "candles", sym, seq, ch.last_seq, now_ms,
+                                      {"interval": param, **candle_json(f, row)}))
+            ch.conf_candles = {}
+
+    def flush(self) -> None:
+        """Write everything pending: one blob per channel, one write per connection.
+
+        The per-connection work is the hot path (10,000 connections x every flush): a list append
+        per channel, then one join, one backlog check and one ``transport.write`` per connection;
+        the bookkeeping a lagging connection needs (which seqs it missed) is one shared tuple per
+        channel, and metrics are updated once per flush."""
+        now = time.monotonic()
+        now_ms = _now_ms()
+        lim = self.limits
+        conflate_due = not self.overload or (now - self._last_conflate) * 1000 >= lim.conflate_ms
+        if conflate_due and self.overload:
+            self._last_conflate = now
+        keep_dirty: set[_Channel] = set()
+        touched: list[_Conn] = []
+        for ch in self.dirty_channels:
+            if ch.dirty:
+                state_channel = ch.key[0] in ("ticker", "candles") or (ch.key[0] == "book" and self.overload)
+                if state_channel and not conflate_due:
+                    keep_dirty.add(ch)
+                else:
+                    self._materialize(ch, now_ms)
+            if not ch.pending:
+                continue
+            pending, seqs = ch.pending, ch.pending_seqs
+            ch.pending, ch.pending_seqs = [], []
+            if not ch.subs:
+                ch.new_subs.clear()
+                continue
+            n = len(pending)
+            blob = b"".join([ws_frame(p) for p in pending])
+            meta = (ch, seqs[0], seqs[-1], n)
+            new_subs = ch.new_subs
+            for conn in ch.subs:
+                if new_subs and conn in new_subs:
+                    skip = new_subs[conn]
+                    if skip >= n or conn.closed:
+                        continue
+                    if not conn.out:
+                        touched.append(conn)
+                    if conn.transport is None:
+                        conn.out.extend(pending[skip:])
+                    else:
+                        conn.out.append(b"".join([ws_frame(p) for p in pending[skip:]]))
+                    conn.out_seqs.append((ch, seqs[skip], seqs[-1], n - skip))
+                    conn.out_n += n - skip
+                    continue
+                out = conn.out
+                if not out:
+                    touched.append(conn)
+                if conn.transport is None:
+                    out.extend(pending)
+                else:
+                    out.append(blob)
+                conn.out_seqs.append(meta)
+                conn.out_n += n
+            if new_subs:
+                new_subs.clear()
+        self.dirty_channels = keep_dirty
+        if keep_dirty:
+            self._wake.set()
+        frames = writes = nbytes = backlog_max = backlog_total = 0
+        lag_bytes = lim.lag_bytes
+        for conn in touched:
+            tr = conn.transport
+            if tr is None or conn.lagging or conn.closed:
+                b = self._write_out(conn, now)
+            else:
+                # Fast path of _write_out: a healthy raw connection.
+                b = tr.get_write_buffer_size()
+                if b > lag_bytes:
+                    self._write_out(conn, now)
+                else:
+                    out = conn.out
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    tr.write(data)
+                    frames += conn.out_n
+                    conn.frames += conn.out_n
+                    nbytes += len(data)
+                    writes += 1
+                    conn.out = []
+                    conn.out_seqs = []
+                    conn.out_n = 0
+            backlog_total += b
+            if b > backlog_max:
+                backlog_max = b
+        if self._lagging:
+            # Lagging connections that got nothing this round still need to recover or be closed.
+            for conn in [c for c in self.conns if c.lagging and not c.out]:
+                self._write_out(conn, now)
+        st = self.stats
+        st["frames_out"] += frames
+        st["writes"] += writes
+        st["bytes_out"] += nbytes
+        if frames:
+            WS_FRAMES.inc(frames)
+            WS_WRITES.inc(writes)
+        WS_BACKLOG_MAX.set(backlog_max)
+        WS_BACKLOG_TOTAL.set(backlog_total)
+
+    def _write_out(self, conn: _Conn, now: float) -> int:
+        """The general path: lag detection and recovery, the fallback queue."""
+        lim = self.limits
+        backlog = conn.backlog()
+        out, seqs = conn.out, conn.out_seqs
+        conn.out, conn.out_seqs = [], []
+        n = conn.out_n
+        conn.out_n = 0
+        if conn.closed:
+            return backlog
+        if conn.lagging:
+            if backlog <= (lim.resume_bytes if conn.transport is not None else lim.fallback_queue // 4):
+                conn.lagging = False
+                self._lagging -= 1
+                self._recover(conn)
+            else:
+                self._drop(conn, seqs)
+                if now - conn.lag_since > lim.slow_close_s:
+                    self._slow(conn)
+                return backlog
+        elif backlog > (lim.lag_bytes if conn.transport is not None else lim.fallback_queue // 2):
+            self._set_lagging(conn, now)
+            self._drop(conn, seqs)
+            recent = sum(1 for t in conn.lag_times if now - t < 60)
+            if recent >= lim.slow_episodes:
+                self._slow(conn)
+            return backlog
+        if not out:
+            return backlog
+        if conn.transport is not None:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.stats["bytes_out"] += len(data)
+            try:
+                conn.transport.write(data)
+            except Exception:
+                return backlog
+        else:
+            q = conn.queue
+            assert q is not None
+            for p in out:
+                try:
+                    q.put_nowait(p)
+                except asyncio.QueueFull:
+                    self._set_lagging(conn, now)
+                    break
+        conn.frames += n
+        self.stats["frames_out"] += n
+        self.stats["writes"] += 1
+        WS_FRAMES.inc(n)
+        WS_WRITES.inc()
+        return backlog
+
+    def _set_lagging(self, conn: _Conn, now: float) -> None:
+        if not conn.lagging:
+            conn.lagging = True
+            self._lagging += 1
+            conn.lag_since = now
+            conn.lag_times.append(now)
+
+    def _drop(self, conn: _Conn, seqs: list[tuple[_Channel, int, int, int]]) -> None:
+        for ch, first, last, n in seqs:
+            m = conn.missed.get(ch.key)
+            if m is None:
+                conn.missed[ch.key] = [first, last, n]
+            else:
+                m[1] = last
+                m[2] += n
+            self.stats["dropped"] += n
+            WS_DROPPED.labels(ch.key[0]).inc(n)
+
+    def _recover(self, conn: _Conn) -> None:
+        """Back under the low watermark: tell what was missed, re-snapshot state channels."""
+        frames: list[bytes] = []
+        for key, (first, last, n) in conn.missed.items():
+            if key not in conn.subs:
+                continue
+            ch = self.channels.get(key)
+            if ch is None:
+                continue
+            frames.append(_payload("Missed", key[0], self._sym(key), last, first, _now_ms(),
+                                   {"reason": "LAGGING", "fromSeq": first, "toSeq": last, "frames": n}))
+            self.stats["missed_notices"] += 1
+            if key[0] != "trades" and key[0] not in PRIVATE_CHANNELS:
+                frames.append(self._snapshot(ch))
+                if ch.pending:
+                    ch.new_subs[conn] = len(ch.pending)
+        conn.missed.clear()
+        self._write_now(conn, frames)
+
+    def _slow(self, conn: _Conn) -> None:
+        if conn in self._closing or conn.closed:
+            return
+        self._closing.add(conn)
+        self.stats["slow_consumer_closes"] += 1
+        asyncio.get_running_loop().create_task(self._close(conn, 4001, "SLOW_CONSUMER"))
+
+    async def _heartbeat_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(self.limits.heartbeat_s)
+            p = _payload("Heartbeat", None, None, None, None, _now_ms(), None)
+            for conn in list(self.conns):
+                if not conn.lagging and not conn.closed:
+                    self._write_now(conn, [p])
+
+
+class LocalEdge:
+    """A minimal Litestar app serving the market-data routes and ``/v1/ws`` under uvicorn, in this
+    event loop, on a loopback port: for tests, drills and the benchmark (edge/app.py mounts the same
+    handlers in the real edge service)."""
+
+    def __init__(self, md: MarketData, hub: WsHub, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.md, self.hub, self.host, self.port = md, hub, host, port
+        self.server: Any = None
+        self._task: asyncio.Task[Any] | None = None
+        self._sock: Any = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}{WS_PATH}"
+
+    async def start(self) -> LocalEdge:
+        import socket
+
+        import uvicorn
+        from litestar import Litestar
+
+        from edge.marketdata import marketdata_routes
+
+        app = Litestar(route_handlers=[*marketdata_routes(self.md), *self.hub.handlers()], logging_config=None)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(4096)
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws_per_message_deflate=False,
+                                ws_ping_interval=None, access_log=False, backlog=4096)
+        self.server = uvicorn.Server(config)
+        await self.hub.start()
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]))
+        for _ in range(500):
+            if self.server.started:
+                break
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        await self.hub.stop()
+        if self.server is not None:
+            self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
