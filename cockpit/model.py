@@ -118,8 +118,11 @@ TILES: tuple[TileSpec, ...] = (
     TileSpec("eng_cpu", "Engine", "CPU", "core", "%", counter_rate("core", "process_cpu_seconds_total", 100), 70, 90),
     TileSpec("eng_tps", "Engine", "trades/s", "core", "/s", counter_rate("core", "core_trades_total")),
     TileSpec("eng_seq", "Engine", "seq rate", "core", "/s", counter_rate("core", "core_stream_seq")),
-    TileSpec("kafka_prod", "Kafka", "produce lag", "kafka", "", gauge("ledger", "kafka_produce_lag"), 1000, 10000),
-    TileSpec("kafka_cons", "Kafka", "consume lag", "kafka", "", gauge("ledger", "kafka_consumer_lag"), 1000, 10000),
+    # The exporter's view: age of the oldest event Kafka has not acknowledged, and EVT messages not
+    # yet exported (its consumer's backlog).
+    TileSpec("kafka_prod", "Kafka", "produce lag", "exporter", "ms", gauge("exporter", "exporter_lag_ms"), 1000, 10000),
+    TileSpec("kafka_cons", "Kafka", "consume lag", "exporter", "msg",
+             gauge("exporter", "exporter_backlog_messages"), 1000, 10000),
     TileSpec("kafka_up", "Kafka", "broker health", "kafka", "", _kafka_up, 0.5, 0.5, low_is_bad=True),
     TileSpec("led_lag", "Ledger", "settlement lag", "ledger", "ms",
              gauge("ledger", "ledger_settlement_lag_ms_last", agg="max"), 1000, 5000),

@@ -46,7 +46,7 @@ class SourceState(enum.StrEnum):
 
 
 # Services whose Prometheus /metrics feed the dashboards (names as in run/ports.json).
-METRIC_SOURCES = ("core", "core-standby", "edge", "ledger")
+METRIC_SOURCES = ("core", "core-standby", "edge", "ledger", "exporter")
 # Every source, in the order of the status bar.
 SOURCE_NAMES = (*METRIC_SOURCES, "kafka", "admin", "audit", "market", "jobs", "stack")
 

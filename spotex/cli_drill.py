@@ -69,6 +69,46 @@ def register(main: click.Group) -> None:
 
         _run("split-brain", data_dir, out, fn, commands=commands, rate=rate)
 
+    @drill.command("network-partition")
+    @_common
+    @click.option("--commands", default=2000, show_default=True)
+    @click.option("--rate", default=400.0, show_default=True)
+    @click.option("--fault-seconds", default=6.0, show_default=True)
+    def network_partition(data_dir: str | None, out: str | None, commands: int, rate: float,
+                          fault_seconds: float) -> None:
+        """Seed §4.12: blackhole the path to Kafka under load; backlog grows, drains, nothing missing."""
+        from runbooks.kafka_drills import network_partition as fn
+
+        _run("network-partition", data_dir, out, fn, commands=commands, rate=rate, fault_s=fault_seconds)
+
+    @drill.command("redpanda-broker-bounce")
+    @_common
+    @click.option("--commands", default=2000, show_default=True)
+    @click.option("--rate", default=400.0, show_default=True)
+    @click.option("--fault-seconds", default=5.0, show_default=True)
+    def redpanda_broker_bounce(data_dir: str | None, out: str | None, commands: int, rate: float,
+                               fault_seconds: float) -> None:
+        """Seed §4.13: stop and restart the broker under load; re-export, nothing missing downstream."""
+        from runbooks.kafka_drills import redpanda_broker_bounce as fn
+
+        _run("redpanda-broker-bounce", data_dir, out, fn, commands=commands, rate=rate, fault_s=fault_seconds)
+
+    @drill.command("game-day-anomaly")
+    @_common
+    def game_day_anomaly(data_dir: str | None, out: str | None) -> None:
+        """Seed §4.5: forced anomaly signals -> severities, actions, signed webhook, evidence JSON."""
+        from runbooks.jobs_drills import game_day_anomaly as fn
+
+        _run("game-day-anomaly", data_dir, out, fn)
+
+    @drill.command("budget-failure")
+    @_common
+    def budget_failure(data_dir: str | None, out: str | None) -> None:
+        """Seed §4.8: missing, stale and breached budgets are each diagnosed with an action."""
+        from runbooks.jobs_drills import budget_failure as fn
+
+        _run("budget-failure", data_dir, out, fn)
+
     @drill.command("ws-drop-spike")
     @_common
     @click.option("--commands", default=4000, show_default=True)

@@ -74,6 +74,16 @@ class KafkaSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     acks: Literal["all", "1", "0"] = "all"
     # The embedded broker fails InitProducerId, so idempotence is for real Kafka/Redpanda only.
     enable_idempotence: bool = False
+    # Exporter (jobs/exporter.py, docs/kafka.md): partitions per topic when it creates them, the
+    # durable JetStream consumer it exports from, and how long a produce may take before a retry.
+    partitions: int = 3
+    exporter_durable: str = "exporter"
+    exporter_fetch_batch: int = 256
+    request_timeout_ms: int = 5_000
+    retry_backoff_max_ms: int = 5_000
+    # Memory-storage brokers lose every record on restart: re-export EVT from its start when the
+    # broker's end offsets fall below what was acknowledged before.
+    rewind_on_broker_loss: bool = True
 
 
 class CoreSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -126,6 +136,16 @@ class JobsSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     freshness_cron: str = "*/15 * * * *"
     webhook_url: str | None = None
     webhook_secret: str | None = None
+    # jobs/checks.py: a JSON budgets file (None: the built-in DEFAULT_BUDGETS), the settlement lag
+    # limit, and the anomaly detector's thresholds (origin defaults).
+    budgets_file: str | None = None
+    settlement_lag_max_events: int = 1_000
+    anomaly_reconciliation_lag_threshold: float = 10
+    anomaly_latch_breach_threshold: float = 1
+    anomaly_ws_drops_threshold: float = 100
+    anomaly_ws_slow_closes_threshold: float = 20
+    anomaly_ws_resume_gaps_threshold: float = 20
+    misfire_grace_s: int = 60
 
 
 class SecuritySection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -28,6 +28,8 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec("core-standby", "spotex.runners:run_core_standby", enabled=lambda cfg, demo: cfg.core.standby),
     # The demo trader: funded accounts, a market maker and takers over the real command path.
     ServiceSpec("demo", "spotex.demo:run", enabled=lambda cfg, demo: demo and cfg.demo.enabled),
+    ServiceSpec("exporter", "jobs.exporter:run"),
+    ServiceSpec("jobs", "jobs.scheduler:run"),
     ServiceSpec("edge", "edge.service:run"),
 ]
 

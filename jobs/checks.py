@@ -1,0 +1,433 @@
+"""The scheduled checks (seed §4 "Daily", §4.5, §4.8). Each check is ``async def (JobContext) ->
+JobResult``; the scheduler stores every run in ``job_runs``.
+
+Outcomes: ``ok``; ``violation`` (the check ran and found something: the output names it and a
+recommended action); ``not_available`` (a dependency of the check is missing, e.g. the ledger's
+tables or an edge to scrape; said plainly, never reported as ok); ``error`` (the check itself failed).
+
+The anomaly detector (seed §4.5) reads five signals (reconciliation lag, latch breaches, WS drops,
+WS slow-consumer closes, WS resume gaps), compares them with thresholds (origin defaults
+10 / 1 / 100 / 20 / 20), and maps each breach to a severity and a recommended action:
+latch breach -> SEV1 WITHDRAW_HALT; reconciliation lag -> SEV2 CANCEL_ONLY; WS signals -> SEV3
+INVESTIGATE. It writes ``anomaly-detector-<ts>.json`` and, when a webhook URL is configured, POSTs
+the finding signed with HMAC-SHA256 over ``<timestamp>.<body>`` (headers ``X-Spotex-Timestamp``,
+``X-Spotex-Signature: sha256=<hex>``).
+
+The safety budget (seed §4.8) evaluates a budgets file (JSON) against the newest evidence files:
+a budget whose evidence is missing or older than its ``max_age_s`` fails, as does one whose value
+breaks its limit; each violation carries a recommended action. It writes ``safety-budget-<ts>.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ANOMALY_DEFAULTS",
+    "CHECKS",
+    "DEFAULT_BUDGETS",
+    "JobContext",
+    "JobResult",
+    "anomaly_findings",
+    "evaluate_budgets",
+    "sign_webhook",
+]
+
+SEVERITY_ORDER = {"SEV1": 1, "SEV2": 2, "SEV3": 3, "NONE": 9}
+ACTION_ORDER = {"WITHDRAW_HALT": 1, "CANCEL_ONLY": 2, "INVESTIGATE": 3, "NONE": 9}
+
+# signal -> (default threshold, severity, recommended action)
+ANOMALY_DEFAULTS: dict[str, tuple[float, str, str]] = {
+    "reconciliation_lag": (10, "SEV2", "CANCEL_ONLY"),
+    "latch_breach": (1, "SEV1", "WITHDRAW_HALT"),
+    "ws_drops": (100, "SEV3", "INVESTIGATE"),
+    "ws_slow_closes": (20, "SEV3", "INVESTIGATE"),
+    "ws_resume_gaps": (20, "SEV3", "INVESTIGATE"),
+}
+
+# Each budget: the newest file matching ``evidence`` (a glob, relative to the evidence root), the
+# JSON ``field`` in it (dotted path), ``op`` and ``limit``; ``max_age_s`` for freshness.
+DEFAULT_BUDGETS: list[dict[str, Any]] = [
+    {"name": "anomaly_detector_clear", "evidence": "jobs/anomaly-detector-*.json", "field": "severity",
+     "op": "in", "limit": ["NONE", "SEV3"], "max_age_s": 900, "action": "INVESTIGATE"},
+    {"name": "invariants_ok", "evidence": "jobs/invariants-latest.json", "field": "ok", "op": "==",
+     "limit": True, "max_age_s": 900, "action": "WITHDRAW_HALT"},
+    {"name": "export_complete", "evidence": "jobs/export-verify-latest.json", "field": "missing", "op": "<=",
+     "limit": 0, "max_age_s": 86_400, "action": "INVESTIGATE"},
+]
+
+
+@dataclass
+class JobResult:
+    outcome: str
+    output: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobContext:
+    cfg: Any
+    pg_dsn: str | None
+    nats_url: str | None
+    data_dir: Path
+    evidence_dir: Path
+    pool: Any = None
+    js: Any = None
+    edge_metrics_url: str | None = None
+    budgets_file: str | None = None
+    inject: dict[str, float] = field(default_factory=dict)  # game-day: forced signal values
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    now: Callable[[], float] = time.time
+
+    def write_evidence(self, name: str, data: dict[str, Any]) -> Path:
+        self.evidence_dir.mkdir(parents=True, exist_ok=True)
+        path = self.evidence_dir / name
+        path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        return path
+
+    def stamp(self) -> str:
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.now())) + f"-{int(self.now() * 1000) % 1000:03d}"
+
+
+def _not_available(what: str, exc: BaseException | None = None) -> JobResult:
+    detail = f"{what}" + (f": {type(exc).__name__}: {exc}" if exc else "")
+    return JobResult("not_available", {"reason": detail})
+
+
+def _missing_table(exc: BaseException) -> bool:
+    return type(exc).__name__ in ("UndefinedTableError", "UndefinedColumnError", "UndefinedFunctionError")
+
+
+# ------------------------------------------------------------------------------------------------
+# ledger-backed checks
+
+
+async def check_invariants(ctx: JobContext) -> JobResult:
+    if ctx.pool is None:
+        return _not_available("no PostgreSQL connection")
+    try:
+        from ledger.invariants import run_invariants
+    except ImportError as exc:
+        return _not_available("ledger.invariants not available", exc)
+    try:
+        rep = await run_invariants(ctx.pool, full=False, record=True)
+    except Exception as exc:
+        if _missing_table(exc):
+            return _not_available("ledger tables not migrated", exc)
+        raise
+    out = {"ok": bool(rep.ok), "scope": rep.scope, "checked_through_tx": rep.checked_through_tx,
+           "checks": rep.checks, "at": ctx.now()}
+    ctx.write_evidence("invariants-latest.json", out)
+    return JobResult("ok" if rep.ok else "violation",
+                     {**out, "recommended_action": "NONE" if rep.ok else "WITHDRAW_HALT"})
+
+
+async def _lag_and_latches(ctx: JobContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ledger.reconcile import lag_report, latch_state
+
+    lag = await lag_report(ctx.pool, ctx.js, ctx.cfg.nats.evt_stream if ctx.cfg is not None else "EVT")
+    latches = await latch_state(ctx.pool)
+    return lag, latches
+
+
+async def check_reconciliation(ctx: JobContext) -> JobResult:
+    if ctx.pool is None:
+        return _not_available("no PostgreSQL connection")
+    try:
+        lag, latches = await _lag_and_latches(ctx)
+    except ImportError as exc:
+        return _not_available("ledger.reconcile not available", exc)
+    except Exception as exc:
+        if _missing_table(exc):
+            return _not_available("ledger tables not migrated", exc)
+        raise
+    engaged = sorted(s for s, v in latches.items() if v.get("engaged"))
+    stopped = sorted(s for s, v in lag.items() if v.get("state") == "stopped")
+    out = {"streams": lag, "latches_engaged": engaged, "streams_stopped": stopped,
+           "max_lag": max((int(v.get("lag", 0)) for v in lag.values()), default=0)}
+    ok = not engaged and not stopped
+    out["recommended_action"] = "NONE" if ok else ("WITHDRAW_HALT" if "_sys" in engaged else "CANCEL_ONLY")
+    ctx.write_evidence("reconciliation-latest.json", out)
+    return JobResult("ok" if ok else "violation", out)
+
+
+async def check_settlement_lag(ctx: JobContext) -> JobResult:
+    if ctx.pool is None:
+        return _not_available("no PostgreSQL connection")
+    try:
+        lag, _ = await _lag_and_latches(ctx)
+    except ImportError as exc:
+        return _not_available("ledger.reconcile not available", exc)
+    except Exception as exc:
+        if _missing_table(exc):
+            return _not_available("ledger tables not migrated", exc)
+        raise
+    limit = int(getattr(ctx.cfg.jobs, "settlement_lag_max_events", 1000)) if ctx.cfg is not None else 1000
+    now_ms = int(ctx.now() * 1000)
+    per: dict[str, dict[str, Any]] = {}
+    for s, v in lag.items():
+        at = v.get("last_occurred_at_ms")
+        per[s] = {"lag_events": int(v.get("lag", 0)), "last_settled_age_ms": (now_ms - int(at)) if at else None}
+    worst = max((int(p["lag_events"]) for p in per.values()), default=0)
+    out: dict[str, Any] = {"streams": per, "max_lag_events": worst, "limit_events": limit}
+    ok = worst <= limit
+    out["recommended_action"] = "NONE" if ok else "SOFT_HALT"
+    ctx.write_evidence("settlement-lag-latest.json", out)
+    return JobResult("ok" if ok else "violation", out)
+
+
+# ------------------------------------------------------------------------------------------------
+# anomaly detector
+
+
+async def _edge_counters(url: str) -> dict[str, float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=3) as c:
+        r = await c.get(url)
+        r.raise_for_status()
+    out = {"ws_drops": 0.0, "ws_slow_closes": 0.0, "ws_resume_gaps": 0.0}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            if s.name == "ws_dropped_frames_total":
+                out["ws_drops"] += s.value
+            elif s.name == "ws_close_total" and "SLOW" in str(s.labels.get("reason", "")).upper():
+                out["ws_slow_closes"] += s.value
+            elif s.name in ("ws_resume_gaps_total", "ws_resume_gaps"):
+                out["ws_resume_gaps"] += s.value
+    return out
+
+
+def anomaly_findings(signals: dict[str, float | None], thresholds: dict[str, float]) -> dict[str, Any]:
+    """Signals over their thresholds -> findings, the worst severity and the recommended action."""
+    findings: list[dict[str, Any]] = []
+    for name, (default, sev, action) in ANOMALY_DEFAULTS.items():
+        v = signals.get(name)
+        limit = thresholds.get(name, default)
+        if v is not None and v >= limit:
+            findings.append({"signal": name, "value": v, "threshold": limit, "severity": sev,
+                             "recommended_action": action})
+    findings.sort(key=lambda f: SEVERITY_ORDER[f["severity"]])
+    return {
+        "anomaly": bool(findings),
+        "severity": findings[0]["severity"] if findings else "NONE",
+        "recommended_action": min((str(f["recommended_action"]) for f in findings),
+                                  key=lambda a: ACTION_ORDER[a], default="NONE"),
+        "findings": findings,
+    }
+
+
+def sign_webhook(secret: str, body: bytes, ts: int) -> str:
+    mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"sha256={mac}"
+
+
+async def _post_webhook(url: str, secret: str | None, payload: dict[str, Any], now: float) -> dict[str, Any]:
+    import httpx
+
+    body = json.dumps(payload, sort_keys=True, default=str).encode()
+    ts = int(now)
+    headers = {"Content-Type": "application/json", "X-Spotex-Timestamp": str(ts)}
+    if secret:
+        headers["X-Spotex-Signature"] = sign_webhook(secret, body, ts)
+    try:
+        async with httpx.AsyncClient(timeout=5) as c:
+            r = await c.post(url, content=body, headers=headers)
+        return {"url": url, "status": r.status_code, "signed": bool(secret), "delivered": r.is_success}
+    except httpx.HTTPError as exc:
+        return {"url": url, "delivered": False, "error": f"{type(exc).__name__}: {exc}", "signed": bool(secret)}
+
+
+async def check_anomaly(ctx: JobContext) -> JobResult:
+    signals: dict[str, float | None] = {k: None for k in ANOMALY_DEFAULTS}
+    sources: dict[str, str] = {}
+    if ctx.pool is not None:
+        try:
+            lag, latches = await _lag_and_latches(ctx)
+            signals["reconciliation_lag"] = float(max((int(v.get("lag", 0)) for v in lag.values()), default=0))
+            signals["latch_breach"] = float(sum(1 for v in latches.values() if v.get("engaged")))
+            sources["reconciliation_lag"] = sources["latch_breach"] = "ledger"
+        except Exception as exc:
+            sources["ledger"] = f"not available: {type(exc).__name__}: {exc}"[:200]
+    if ctx.edge_metrics_url:
+        try:
+            for k, v in (await _edge_counters(ctx.edge_metrics_url)).items():
+                signals[k] = v
+                sources[k] = "edge /metrics"
+        except Exception as exc:
+            sources["edge"] = f"not available: {type(exc).__name__}: {exc}"[:200]
+    for k, v in ctx.inject.items():
+        signals[k] = v
+        sources[k] = "injected"
+    thresholds = {k: float(getattr(ctx.cfg.jobs, f"anomaly_{k}_threshold", d[0])) if ctx.cfg is not None else d[0]
+                  for k, d in ANOMALY_DEFAULTS.items()}
+    res = anomaly_findings(signals, thresholds)
+    out = {"at": ctx.now(), "signals": signals, "sources": sources, "thresholds": thresholds, **res}
+    if res["anomaly"] and ctx.webhook_url:
+        out["webhook"] = await _post_webhook(ctx.webhook_url, ctx.webhook_secret, {
+            "source": "spotex.anomaly_detector", **{k: out[k] for k in (
+                "at", "severity", "recommended_action", "findings")}}, ctx.now())
+    path = ctx.write_evidence(f"anomaly-detector-{ctx.stamp()}.json", out)
+    out["evidence"] = str(path)
+    if all(v is None for v in signals.values()):
+        return JobResult("not_available", {**out, "reason": "no signal source answered"})
+    return JobResult("violation" if res["anomaly"] else "ok", out)
+
+
+# ------------------------------------------------------------------------------------------------
+# safety budget and evidence freshness
+
+
+def _get(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise KeyError(dotted)
+        data = data[part]
+    return data
+
+
+def _holds(value: Any, op: str, limit: Any) -> bool:
+    if op == "==":
+        return bool(value == limit)
+    if op == "!=":
+        return bool(value != limit)
+    if op == "<=":
+        return bool(value <= limit)
+    if op == ">=":
+        return bool(value >= limit)
+    if op == "<":
+        return bool(value < limit)
+    if op == ">":
+        return bool(value > limit)
+    if op == "in":
+        return value in limit
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _newest(root: Path, pattern: str) -> Path | None:
+    files = [Path(p) for p in glob.glob(str(root / pattern))]
+    return max(files, key=lambda p: p.stat().st_mtime) if files else None
+
+
+def evaluate_budgets(budgets: list[dict[str, Any]], roots: list[Path], now: float) -> dict[str, Any]:
+    """Each budget against the newest matching evidence file under any of ``roots``."""
+    results, violations = [], []
+    for b in budgets:
+        found = [p for p in (_newest(r, b["evidence"]) for r in roots) if p is not None]
+        path = max(found, key=lambda p: p.stat().st_mtime) if found else None
+        res: dict[str, Any] = {"name": b["name"], "evidence": b["evidence"], "file": str(path) if path else None}
+        action = b.get("action", "INVESTIGATE")
+        if path is None:
+            res.update(ok=False, reason="EVIDENCE_MISSING", recommended_action=f"RUN_PRODUCER_OF:{b['evidence']}")
+        else:
+            age = now - path.stat().st_mtime
+            res["age_s"] = round(age, 1)
+            if age > float(b.get("max_age_s", 86_400)):
+                res.update(ok=False, reason="EVIDENCE_STALE", recommended_action=f"REFRESH:{b['evidence']}")
+            else:
+                try:
+                    value = _get(json.loads(path.read_text()), b["field"])
+                    res["value"] = value
+                    if _holds(value, b.get("op", "=="), b.get("limit")):
+                        res.update(ok=True)
+                    else:
+                        res.update(ok=False, reason="LIMIT_BREACHED", limit=b.get("limit"), op=b.get("op", "=="),
+                                   recommended_action=action)
+                except (KeyError, ValueError, TypeError) as exc:
+                    res.update(ok=False, reason="EVIDENCE_UNREADABLE", detail=str(exc), recommended_action=action)
+        results.append(res)
+        if not res["ok"]:
+            violations.append(res)
+    worst = "NONE"
+    for v in violations:
+        a = v["recommended_action"]
+        if ACTION_ORDER.get(a, 5) < ACTION_ORDER.get(worst, 9) or worst == "NONE":
+            worst = a
+    return {"budget_ok": not violations, "violation_count": len(violations), "violations": violations,
+            "results": results, "recommended_action": worst}
+
+
+def load_budgets(path: str | None) -> list[dict[str, Any]]:
+    if not path:
+        return DEFAULT_BUDGETS
+    data = json.loads(Path(path).read_text())
+    return list(data["budgets"] if isinstance(data, dict) else data)
+
+
+async def check_safety_budget(ctx: JobContext) -> JobResult:
+    budgets = load_budgets(ctx.budgets_file or (getattr(ctx.cfg.jobs, "budgets_file", None) if ctx.cfg else None))
+    roots = [ctx.evidence_dir.parent, Path("build/runbooks").resolve()]
+    res = evaluate_budgets(budgets, roots, ctx.now())
+    out = {"at": ctx.now(), "roots": [str(r) for r in roots], **res}
+    out["evidence"] = str(ctx.write_evidence(f"safety-budget-{ctx.stamp()}.json", out))
+    return JobResult("ok" if res["budget_ok"] else "violation", out)
+
+
+async def check_freshness(ctx: JobContext) -> JobResult:
+    """Every budget's evidence exists and is fresh (values not judged: that is the budget's job)."""
+    budgets = load_budgets(ctx.budgets_file or (getattr(ctx.cfg.jobs, "budgets_file", None) if ctx.cfg else None))
+    roots = [ctx.evidence_dir.parent, Path("build/runbooks").resolve()]
+    out_rows = []
+    stale = 0
+    for b in budgets:
+        found = [p for p in (_newest(r, b["evidence"]) for r in roots) if p is not None]
+        path = max(found, key=lambda p: p.stat().st_mtime) if found else None
+        age = (ctx.now() - path.stat().st_mtime) if path else None
+        ok = age is not None and age <= float(b.get("max_age_s", 86_400))
+        stale += not ok
+        out_rows.append({"name": b["name"], "file": str(path) if path else None,
+                         "age_s": round(age, 1) if age is not None else None, "fresh": ok})
+    out = {"evidence": out_rows, "stale_or_missing": stale,
+           "recommended_action": "NONE" if not stale else "REFRESH_EVIDENCE"}
+    ctx.write_evidence("evidence-freshness-latest.json", out)
+    return JobResult("ok" if not stale else "violation", out)
+
+
+async def check_snapshot(ctx: JobContext) -> JobResult:
+    """``spotex core snapshot`` then ``spotex core verify-snapshot`` (child processes: the CLI is the
+    contract, and the recovery code is core's own)."""
+    core_dir = ctx.data_dir / "core"
+    if not (core_dir / "wal").exists():
+        return _not_available(f"no core WAL under {core_dir}")
+    out_file = ctx.evidence_dir / "snapshot-verify-latest.json"
+    ctx.evidence_dir.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "spotex", "core"]
+    common = ["--data-dir", str(ctx.data_dir)]
+    snap = await asyncio.to_thread(subprocess.run, [*base, "snapshot", *common], capture_output=True, text=True,
+                                   timeout=600, env=os.environ.copy())
+    ver = await asyncio.to_thread(subprocess.run, [*base, "verify-snapshot", *common, "--out", str(out_file)],
+                                  capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    out: dict[str, Any] = {"snapshot_rc": snap.returncode, "snapshot_stdout": snap.stdout.strip()[-2000:],
+                           "snapshot_stderr": snap.stderr.strip()[-1000:], "verify_rc": ver.returncode,
+                           "verify_stdout": ver.stdout.strip()[-1000:], "verify_stderr": ver.stderr.strip()[-1000:]}
+    if out_file.exists():
+        out["verify"] = json.loads(out_file.read_text())
+    if ver.returncode == 0:
+        return JobResult("ok", out)
+    if "nothing to snapshot" in snap.stderr and ver.returncode != 0:
+        return JobResult("not_available", {**out, "reason": "the WAL is empty"})
+    return JobResult("violation", {**out, "recommended_action": "INVESTIGATE"})
+
+
+CHECKS: dict[str, Callable[[JobContext], Awaitable[JobResult]]] = {
+    "invariants": check_invariants,
+    "reconciliation": check_reconciliation,
+    "settlement_lag": check_settlement_lag,
+    "anomaly": check_anomaly,
+    "safety_budget": check_safety_budget,
+    "snapshot_verify": check_snapshot,
+    "freshness": check_freshness,
+}

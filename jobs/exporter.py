@@ -1,0 +1,548 @@
+"""The Kafka exporter: EVT (JetStream) -> Kafka topics, at least once, deduplicable by event id.
+
+- A durable pull consumer (default ``exporter``) on ``evt.>``; every event of a message becomes one
+  Kafka record (JSON value, key = symbol, headers ``spotex-event-id``, ``spotex-stream``,
+  ``spotex-seq``, ``spotex-type``, ``spotex-js-seq``). Topics and the record schema: docs/kafka.md.
+- acks=all; a record that fails is retried with exponential backoff (capped) until the broker takes
+  it; the JetStream message is acked only once every record made from it was acknowledged by Kafka.
+  While retrying, the message is kept in progress so JetStream does not redeliver it elsewhere.
+- No transactions and, unless configured, no idempotent producer (the embedded Tansu broker fails
+  InitProducerId): a retry can write a record twice. Consumers dedupe on ``spotex-event-id`` and
+  order by (symbol, ``spotex-seq``); ``spotex export verify`` counts missing and duplicate ids.
+- A broker that lost its data (the embedded broker keeps records in memory, so a restart empties it)
+  is detected when a partition's end offset falls below an offset Kafka acknowledged earlier, or
+  when the topics are empty while the consumer has already acked messages: the exporter then
+  re-exports EVT from its first message, so nothing is missing downstream.
+- When Kafka is down trading is unaffected: the exporter only reads EVT. Its backlog grows
+  (``exporter_backlog_messages``) and drains after recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from prometheus_client import Counter, Gauge, Histogram
+
+from core.wire import (
+    BookDelta,
+    CancelAllDone,
+    Event,
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderRejected,
+    TradeExecuted,
+    decode_events,
+)
+
+__all__ = ["Exporter", "ExporterOptions", "evt_last_seqs", "record_for", "run", "topic_for", "topics"]
+
+log = logging.getLogger("jobs.exporter")
+
+H_FIRST, H_LAST = "Spotex-First-Seq", "Spotex-Last-Seq"
+
+M_PRODUCED = Counter("exporter_records_produced_total", "Records Kafka acknowledged", ["topic"])
+M_ERRORS = Counter("exporter_produce_errors_total", "Records whose produce failed (each is retried)", ["error"])
+M_RETRIES = Counter("exporter_retries_total", "Batches retried after a produce failure")
+M_ACKED = Counter("exporter_messages_acked_total", "EVT messages acked after export")
+M_REWINDS = Counter("exporter_rewinds_total", "Re-exports of EVT from its start after the broker lost data")
+M_REACHABLE = Gauge("exporter_broker_reachable", "1 while the Kafka broker answers metadata requests")
+M_BACKLOG = Gauge("exporter_backlog_messages", "EVT messages not yet exported (pending + unacked)")
+M_LAG_MS = Gauge("exporter_lag_ms", "Age of the oldest event not yet acknowledged by Kafka (0 when idle)")
+M_LAG_SEQ = Gauge("exporter_lag_seq", "Per stream: engine's last seq minus the last exported seq", ["stream"])
+M_EXPORTED_SEQ = Gauge("exporter_exported_seq", "Last seq exported per stream", ["stream"])
+M_BATCH_S = Histogram("exporter_batch_seconds", "One fetched batch from fetch to JetStream ack",
+                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30))
+
+_ORDER_EVENTS = (OrderAccepted, OrderRejected, OrderCanceled, OrderAmended, CancelAllDone)
+_json = msgspec.json.Encoder()
+
+
+class ExporterOptions(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str
+    bootstrap: str
+    evt_stream: str = "EVT"
+    subject_prefix: str = "evt"
+    durable: str = "exporter"
+    topic_prefix: str = "spotex"
+    acks: str = "all"
+    enable_idempotence: bool = False
+    partitions: int = 3
+    fetch_batch: int = 256
+    ack_wait_s: float = 30.0
+    request_timeout_ms: int = 5_000
+    retry_backoff_min_ms: int = 200
+    retry_backoff_max_ms: int = 5_000
+    monitor_every_s: float = 1.0
+    linger_ms: int = 5
+    rewind_on_broker_loss: bool = True
+    client_id: str = "spotex-exporter"
+
+
+def topics(prefix: str) -> list[str]:
+    return [f"{prefix}.trades", f"{prefix}.orders", f"{prefix}.book", f"{prefix}.events"]
+
+
+def topic_for(evt: Event, prefix: str) -> str:
+    if isinstance(evt, TradeExecuted):
+        return f"{prefix}.trades"
+    if isinstance(evt, _ORDER_EVENTS):
+        return f"{prefix}.orders"
+    if isinstance(evt, BookDelta):
+        return f"{prefix}.book"
+    return f"{prefix}.events"
+
+
+def record_for(evt: Event, prefix: str, js_seq: int) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]]:
+    """(topic, key, JSON value, headers) of one event. The value is the event as JSON with its
+    type tag ``t``, exactly the wire struct (integers for money, no floats)."""
+    headers = [
+        ("spotex-event-id", evt.event_id.encode()),
+        ("spotex-stream", evt.symbol.encode()),
+        ("spotex-seq", str(evt.seq).encode()),
+        ("spotex-type", type(evt).__name__.encode()),
+        ("spotex-js-seq", str(js_seq).encode()),
+    ]
+    return topic_for(evt, prefix), evt.symbol.encode(), _json.encode(evt), headers
+
+
+async def evt_last_seqs(js: Any, evt_stream: str = "EVT", prefix: str = "evt") -> dict[str, int]:
+    """Stream -> the engine's last published seq (Spotex-Last-Seq of the subject's last message)."""
+    from nats.js.errors import NotFoundError
+
+    info = await js.stream_info(evt_stream, subjects_filter=f"{prefix}.>")
+    out: dict[str, int] = {}
+    plen = len(prefix) + 1
+    for subject in sorted(info.state.subjects or {}):
+        try:
+            msg = await js.get_last_msg(evt_stream, subject)
+        except NotFoundError:
+            continue
+        out[subject[plen:]] = int((msg.headers or {}).get(H_LAST, 0))
+    return out
+
+
+class _Pending:
+    """One fetched EVT message and the records made from it that Kafka has not acknowledged yet."""
+
+    __slots__ = ("last_seq", "msg", "oldest_ms", "records", "stream")
+
+    def __init__(self, msg: Any, records: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]],
+                 oldest_ms: int, stream: str, last_seq: int) -> None:
+        self.msg = msg
+        self.records = records
+        self.oldest_ms = oldest_ms
+        self.stream = stream
+        self.last_seq = last_seq
+
+
+class Exporter:
+    def __init__(self, opts: ExporterOptions) -> None:
+        self.opts = opts
+        self.nc: Any = None
+        self.js: Any = None
+        self.psub: Any = None
+        self.producer: Any = None
+        self.stopping = asyncio.Event()
+        self.reachable = False
+        self.reachable_since: float | None = None
+        self.last_error: str | None = None
+        self.produced = 0
+        self.errors = 0
+        self.acked_msgs = 0
+        self.rewinds = 0
+        self.backlog = 0
+        self.lag_ms = 0
+        self.lag_seq: dict[str, int] = {}
+        self.exported_seq: dict[str, int] = {}
+        self.high: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest offset Kafka acked
+        self._rewind_needed = False
+        self._check_loss = False  # a produce failed and then recovered: did the broker restart empty?
+        self._oldest_unacked_ms: int | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ------------------------------------------------------------------------------------------
+    # connections
+
+    async def connect_nats(self) -> None:
+        import nats
+
+        self.nc = await nats.connect(self.opts.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        self.js = self.nc.jetstream()
+        await self._bind(rewind=False)
+
+    async def _bind(self, *, rewind: bool) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        if self.psub is not None:
+            with contextlib.suppress(Exception):
+                await self.psub.unsubscribe()
+            self.psub = None
+        if rewind:
+            with contextlib.suppress(NotFoundError):
+                await self.js.delete_consumer(self.opts.evt_stream, self.opts.durable)
+        try:
+            await self.js.consumer_info(self.opts.evt_stream, self.opts.durable)
+        except NotFoundError:
+            cfg = ConsumerConfig(
+                durable_name=self.opts.durable, filter_subject=f"{self.opts.subject_prefix}.>",
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.opts.ack_wait_s, max_deliver=-1,
+                max_ack_pending=max(1024, self.opts.fetch_batch * 4), deliver_policy=DeliverPolicy.ALL)
+            await self.js.add_consumer(self.opts.evt_stream, cfg)
+        self.psub = await self.js.pull_subscribe_bind(self.opts.durable, stream=self.opts.evt_stream)
+
+    def _new_producer(self) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        acks: Any = "all" if self.opts.acks == "all" else int(self.opts.acks)
+        return AIOKafkaProducer(
+            bootstrap_servers=self.opts.bootstrap, client_id=self.opts.client_id, acks=acks,
+            enable_idempotence=self.opts.enable_idempotence, request_timeout_ms=self.opts.request_timeout_ms,
+            linger_ms=self.opts.linger_ms, retry_backoff_ms=self.opts.retry_backoff_min_ms,
+            metadata_max_age_ms=5_000, max_batch_size=256 * 1024)
+
+    async def _ensure_producer(self) -> Any:
+        """A started producer; retries with backoff while the broker is unreachable."""
+        delay = self.opts.retry_backoff_min_ms / 1000
+        while self.producer is None and not self.stopping.is_set():
+            p = self._new_producer()
+            try:
+                await asyncio.wait_for(p.start(), self.opts.request_timeout_ms / 1000 + 1)
+                await self._ensure_topics()
+                self.producer = p
+                log.info("producer started", extra={"bootstrap": self.opts.bootstrap})
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await p.stop()
+                self._note_error(exc)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.opts.retry_backoff_max_ms / 1000)
+        return self.producer
+
+    async def _ensure_topics(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.opts.bootstrap,
+                                    request_timeout_ms=self.opts.request_timeout_ms)
+        try:
+            await asyncio.wait_for(admin.start(), self.opts.request_timeout_ms / 1000)
+            existing = set(await admin.list_topics())
+            missing = [t for t in topics(self.opts.topic_prefix) if t not in existing]
+            if missing:
+                with contextlib.suppress(Exception):  # created concurrently by another exporter
+                    await admin.create_topics([NewTopic(t, self.opts.partitions, 1) for t in missing])
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    async def _reset_producer(self) -> None:
+        p, self.producer = self.producer, None
+        if p is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p.stop(), 5)
+
+    def _note_error(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    async def _sleep(self, s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), s)
+
+    # ------------------------------------------------------------------------------------------
+    # export
+
+    def _prepare(self, msg: Any) -> _Pending:
+        evs = decode_events(msg.data)
+        js_seq = int(msg.metadata.sequence.stream)
+        recs = [record_for(e, self.opts.topic_prefix, js_seq) for e in evs]
+        stream = evs[0].symbol if evs else msg.subject[len(self.opts.subject_prefix) + 1:]
+        oldest = min((e.occurred_at for e in evs), default=int(time.time() * 1000))
+        return _Pending(msg, recs, oldest, stream, evs[-1].seq if evs else 0)
+
+    async def export_batch(self, msgs: Sequence[Any]) -> None:
+        """Produce every record of ``msgs``; ack each message once all its records are acknowledged."""
+        t0 = time.perf_counter()
+        pend = [self._prepare(m) for m in msgs]
+        self._oldest_unacked_ms = min((p.oldest_ms for p in pend), default=None)
+        delay = self.opts.retry_backoff_min_ms / 1000
+        attempt = 0
+        while True:
+            producer = await self._ensure_producer()
+            if producer is None:  # stopping
+                return
+            futs: list[tuple[_Pending, int, Any]] = []
+            failed_send = False
+            for p in pend:
+                for i, (topic, key, value, headers) in enumerate(p.records):
+                    try:
+                        fut = await producer.send(topic, value, key=key, headers=headers)
+                    except Exception as exc:
+                        self._note_error(exc)
+                        M_ERRORS.labels(type(exc).__name__).inc()
+                        self.errors += 1
+                        failed_send = True
+                        break
+                    futs.append((p, i, fut))
+                if failed_send:
+                    break
+            results = await asyncio.gather(*(f for _, _, f in futs), return_exceptions=True)
+            done: dict[int, set[int]] = {}
+            for (p, i, _), res in zip(futs, results, strict=True):
+                if isinstance(res, BaseException):
+                    self._note_error(res)
+                    M_ERRORS.labels(type(res).__name__).inc()
+                    self.errors += 1
+                    continue
+                done.setdefault(id(p), set()).add(i)
+                topic = p.records[i][0]
+                M_PRODUCED.labels(topic).inc()
+                self.produced += 1
+                tp = (topic, int(res.partition))
+                if int(res.offset) > self.high.get(tp, -1):
+                    self.high[tp] = int(res.offset)
+            still: list[_Pending] = []
+            for p in pend:
+                ok = done.get(id(p), set())
+                if ok:
+                    p.records = [r for i, r in enumerate(p.records) if i not in ok]
+                if p.records:
+                    still.append(p)
+                    continue
+                await p.msg.ack()
+                M_ACKED.inc()
+                self.acked_msgs += 1
+                self.exported_seq[p.stream] = max(self.exported_seq.get(p.stream, 0), p.last_seq)
+                M_EXPORTED_SEQ.labels(p.stream).set(self.exported_seq[p.stream])
+            pend = still
+            if not pend:
+                break
+            # Part of the batch failed: keep the messages ours, back off, retry what is left.
+            attempt += 1
+            M_RETRIES.inc()
+            self.reachable = False
+            M_REACHABLE.set(0)
+            for p in pend:
+                with contextlib.suppress(Exception):
+                    await p.msg.in_progress()
+            self._oldest_unacked_ms = min(p.oldest_ms for p in pend)
+            log.warning("produce failed, retrying", extra={"attempt": attempt, "records_left": sum(
+                len(p.records) for p in pend), "error": self.last_error, "backoff_s": round(delay, 3)})
+            if attempt % 5 == 0:  # a producer stuck on a dead connection: start a fresh one
+                await self._reset_producer()
+            await self._sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.opts.retry_backoff_max_ms / 1000)
+            if self.stopping.is_set():
+                return
+        self._oldest_unacked_ms = None
+        if attempt:
+            self._check_loss = True
+        M_BATCH_S.observe(time.perf_counter() - t0)
+
+    async def run(self) -> None:
+        from nats.errors import TimeoutError as NatsTimeout
+
+        if self.nc is None:
+            await self.connect_nats()
+        self._tasks.append(asyncio.create_task(self._monitor()))
+        await self._ensure_producer()
+        if self.opts.rewind_on_broker_loss and await self._broker_lost_data(startup=True):
+            await self._rewind()
+        try:
+            while not self.stopping.is_set():
+                if self._rewind_needed:
+                    await self._rewind()
+                try:
+                    msgs = await self.psub.fetch(self.opts.fetch_batch, timeout=1.0)
+                except (NatsTimeout, TimeoutError):
+                    continue
+                except Exception as exc:
+                    self._note_error(exc)
+                    log.warning("fetch failed", extra={"error": self.last_error})
+                    await self._sleep(0.5)
+                    with contextlib.suppress(Exception):
+                        await self._bind(rewind=False)
+                    continue
+                await self.export_batch(msgs)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self.stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks.clear()
+        await self._reset_producer()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            self.nc = None
+
+    # ------------------------------------------------------------------------------------------
+    # broker health, lag and data-loss detection
+
+    async def broker_check(self) -> str | None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        timeout = min(3.0, self.opts.request_timeout_ms / 1000)
+        client = AIOKafkaAdminClient(bootstrap_servers=self.opts.bootstrap, request_timeout_ms=int(timeout * 1000))
+        try:
+            await asyncio.wait_for(client.start(), timeout)
+            await asyncio.wait_for(client.describe_cluster(), timeout)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}".strip()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+        return None
+
+    async def end_offsets(self) -> dict[tuple[str, int], int]:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        c = AIOKafkaConsumer(bootstrap_servers=self.opts.bootstrap, enable_auto_commit=False,
+                             request_timeout_ms=self.opts.request_timeout_ms)
+        try:
+            await asyncio.wait_for(c.start(), self.opts.request_timeout_ms / 1000)
+            present = await asyncio.wait_for(c.topics(), self.opts.request_timeout_ms / 1000)  # fresh metadata
+            tps = []
+            for t in topics(self.opts.topic_prefix):
+                if t not in present:
+                    continue
+                for part in c.partitions_for_topic(t) or set():
+                    tps.append(TopicPartition(t, part))
+            if not tps:
+                return {}
+            ends = await asyncio.wait_for(c.end_offsets(tps), self.opts.request_timeout_ms / 1000)
+            return {(tp.topic, tp.partition): int(o) for tp, o in ends.items()}
+        finally:
+            with contextlib.suppress(Exception):
+                await c.stop()
+
+    async def _broker_lost_data(self, *, startup: bool = False) -> bool:
+        try:
+            ends = await self.end_offsets()
+        except Exception as exc:
+            self._note_error(exc)
+            return False
+        if startup:
+            # Nothing in the topics but the consumer already acked messages: the broker was wiped.
+            try:
+                info = await self.js.consumer_info(self.opts.evt_stream, self.opts.durable)
+                acked = int(info.ack_floor.stream_seq or 0)
+            except Exception:
+                return False
+            lost = acked > 0 and sum(ends.values()) == 0
+        else:
+            # (Metadata unavailable raised above and judged nothing.) An acked offset at or beyond the
+            # partition's end: those records are gone. A topic that is no longer there at all (absent
+            # from ``ends``) lost everything too.
+            lost = any(ends.get(k, 0) <= off for k, off in self.high.items())
+        if lost:
+            log.warning("broker lost exported records: re-exporting EVT from its start",
+                        extra={"end_offsets": {f"{t}/{p}": o for (t, p), o in ends.items()},
+                               "acked_offsets": {f"{t}/{p}": o for (t, p), o in self.high.items()}})
+        return lost
+
+    async def _rewind(self) -> None:
+        self._rewind_needed = False
+        self.high.clear()
+        self.rewinds += 1
+        M_REWINDS.inc()
+        await self._reset_producer()
+        await self._bind(rewind=True)
+
+    async def _monitor(self) -> None:
+        was_down = False
+        while not self.stopping.is_set():
+            reason = await self.broker_check()
+            up = reason is None
+            if not up:
+                self._note_error(RuntimeError(reason))
+            if up and not self.reachable:
+                self.reachable_since = time.time()
+            self.reachable = up
+            M_REACHABLE.set(1 if up else 0)
+            if up and (was_down or self._check_loss) and self.opts.rewind_on_broker_loss and self.high:
+                self._check_loss = False
+                if await self._broker_lost_data():
+                    self._rewind_needed = True
+            was_down = not up
+            await self._update_lag()
+            await self._sleep(self.opts.monitor_every_s)
+
+    async def _update_lag(self) -> None:
+        try:
+            info = await self.js.consumer_info(self.opts.evt_stream, self.opts.durable)
+            self.backlog = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+            M_BACKLOG.set(self.backlog)
+            ends = await evt_last_seqs(self.js, self.opts.evt_stream, self.opts.subject_prefix)
+            for s, last in ends.items():
+                # Idle and caught up: whatever is not in exported_seq was exported before a restart.
+                done = self.exported_seq.get(s, last if self.backlog == 0 else 0)
+                self.lag_seq[s] = max(0, last - done)
+                M_LAG_SEQ.labels(s).set(self.lag_seq[s])
+        except Exception as exc:
+            log.debug("lag update failed", extra={"error": str(exc)})
+        oldest = self._oldest_unacked_ms
+        self.lag_ms = max(0, int(time.time() * 1000) - oldest) if oldest is not None else 0
+        M_LAG_MS.set(self.lag_ms)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "durable": self.opts.durable, "bootstrap": self.opts.bootstrap,
+            "broker_reachable": self.reachable, "produced": self.produced, "produce_errors": self.errors,
+            "acked_messages": self.acked_msgs, "backlog_messages": self.backlog, "lag_ms": self.lag_ms,
+            "lag_seq": dict(self.lag_seq), "exported_seq": dict(self.exported_seq), "rewinds": self.rewinds,
+            "last_error": self.last_error, "topics": topics(self.opts.topic_prefix),
+        }
+
+
+def options_from_config(ctx: Any, **over: Any) -> ExporterOptions:
+    cfg = ctx.cfg
+    k = cfg.kafka
+    base: dict[str, Any] = dict(
+        nats_url=ctx.endpoints.nats_url, bootstrap=ctx.endpoints.kafka_bootstrap, evt_stream=cfg.nats.evt_stream,
+        durable=k.exporter_durable, topic_prefix=k.topic_prefix, acks=k.acks,
+        enable_idempotence=k.enable_idempotence, partitions=k.partitions, fetch_batch=k.exporter_fetch_batch,
+        request_timeout_ms=k.request_timeout_ms, retry_backoff_max_ms=k.retry_backoff_max_ms,
+        rewind_on_broker_loss=k.rewind_on_broker_loss)
+    base.update(over)
+    return ExporterOptions(**base)
+
+
+async def run(ctx: Any) -> None:
+    """The ``exporter`` service (``spotex serve exporter``)."""
+    import signal
+
+    from core.obs import ProbeServer
+
+    exp = Exporter(options_from_config(ctx))
+
+    async def ready() -> str | None:
+        # Ready means EVT is being consumed; a down broker is reported (not a reason to restart).
+        return None if exp.psub is not None else "not bound to EVT"
+
+    async def status() -> dict[str, Any]:
+        return exp.status()
+
+    probe = ProbeServer("127.0.0.1", ctx.probe_port, service=ctx.name, readiness=[("evt", ready)],
+                        extra_routes={"/status": status})
+    await probe.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, exp.stopping.set)
+    try:
+        await exp.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await probe.stop()
