@@ -52,6 +52,8 @@ M_PRODUCED = Counter("exporter_records_produced_total", "Records Kafka acknowled
 M_ERRORS = Counter("exporter_produce_errors_total", "Records whose produce failed (each is retried)", ["error"])
 M_RETRIES = Counter("exporter_retries_total", "Batches retried after a produce failure")
 M_ACKED = Counter("exporter_messages_acked_total", "EVT messages acked after export")
+M_UNDECODABLE = Counter("exporter_undecodable_messages_total",
+                        "EVT messages that are not a list of events: logged, terminated, not exported")
 M_REWINDS = Counter("exporter_rewinds_total", "Re-exports of EVT from its start after the broker lost data")
 M_REACHABLE = Gauge("exporter_broker_reachable", "1 while the Kafka broker answers metadata requests")
 M_BACKLOG = Gauge("exporter_backlog_messages", "EVT messages not yet exported (pending + unacked)")
@@ -270,7 +272,17 @@ class Exporter:
     async def export_batch(self, msgs: Sequence[Any]) -> None:
         """Produce every record of ``msgs``; ack each message once all its records are acknowledged."""
         t0 = time.perf_counter()
-        pend = [self._prepare(m) for m in msgs]
+        pend: list[_Pending] = []
+        for m in msgs:
+            try:
+                pend.append(self._prepare(m))
+            except msgspec.DecodeError as exc:
+                # A poison message must not stop the export of everything behind it: it is not an
+                # event, so there is nothing to export; it is counted, logged and not redelivered.
+                M_UNDECODABLE.inc()
+                log.error("undecodable EVT message skipped", extra={
+                    "subject": m.subject, "stream_seq": int(m.metadata.sequence.stream), "error": str(exc)})
+                await m.term()
         self._oldest_unacked_ms = min((p.oldest_ms for p in pend), default=None)
         delay = self.opts.retry_backoff_min_ms / 1000
         attempt = 0

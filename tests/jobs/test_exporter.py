@@ -154,3 +154,36 @@ def test_broker_restart_reexports_nothing_missing(nats_srv: RunningServer, tmp_p
         await nc.close()
 
     asyncio.run(go())
+
+
+def test_poison_message_is_skipped_not_fatal(nats_srv: RunningServer, kafka_srv: RunningServer) -> None:
+    """An EVT message that is not a list of events is counted and skipped; the events around it
+    are still exported and the exporter keeps running."""
+
+    async def go() -> None:
+        from prometheus_client import REGISTRY
+
+        nc = await nats.connect(nats_srv.url)
+        js = nc.jetstream()
+        w = EvtWriter(js)
+        await w.setup()
+        s = f"PP{uuid.uuid4().hex[:4].upper()}-USDT"
+        await w.publish(s, 20)
+        before = REGISTRY.get_sample_value("exporter_undecodable_messages_total") or 0.0
+        await js.publish("evt._poison", b"\x05not-events")
+        await w.publish(s, 20)
+        opts, _ = _opts(nats_srv.url, kafka_srv.url)
+        exp = Exporter(opts)
+        await exp.connect_nats()
+        task = asyncio.create_task(exp.run())
+        try:
+            await _caught_up(exp, nc)
+            assert not task.done()
+            assert exp.status()["exported_seq"][s] == 40
+            assert REGISTRY.get_sample_value("exporter_undecodable_messages_total") == before + 1
+        finally:
+            exp.stopping.set()
+            await task
+            await nc.close()
+
+    asyncio.run(go())

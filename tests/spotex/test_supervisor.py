@@ -36,7 +36,9 @@ async def _write_marks(nats_url: str, dsn: str) -> None:
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    await js.publish("evt._sys", b"mark", headers={"Nats-Msg-Id": "persist-mark"})
+    # A scratch stream of the test's own: EVT belongs to the core and its consumers.
+    await js.add_stream(name="PERSIST_MARK", subjects=["persist.mark"])
+    await js.publish("persist.mark", b"mark", headers={"Nats-Msg-Id": "persist-mark"})
     await nc.close()
     conn = await asyncpg.connect(dsn)
     await conn.execute("CREATE TABLE persist_mark (v text); INSERT INTO persist_mark VALUES ('kept')")
@@ -49,7 +51,7 @@ async def _read_marks(nats_url: str, dsn: str) -> tuple[bytes, str]:
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    msg = await js.get_last_msg("EVT", "evt._sys")
+    msg = await js.get_last_msg("PERSIST_MARK", "persist.mark")
     await nc.close()
     conn = await asyncpg.connect(dsn)
     v = await conn.fetchval("SELECT v FROM persist_mark")
