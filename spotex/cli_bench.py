@@ -62,6 +62,20 @@ def register(main: click.Group) -> None:
 
         _print(run(orders, concurrency, rate, stack_dir))
 
+    @bench.command("settlement")
+    @click.option("--trades", default=1_000_000, show_default=True)
+    @click.option("--batch-max", default=1_000, show_default=True, help="Events per PostgreSQL transaction.")
+    @click.option("--events-per-msg", default=100, show_default=True, help="Events per EVT message.")
+    @click.option("--live-rate", type=float, default=None,
+                  help="Publish at this many events/s while settling and measure the settlement lag.")
+    @click.option("--json", "as_json", is_flag=True)
+    def bench_settlement(trades: int, batch_max: int, events_per_msg: int, live_rate: float | None,
+                         as_json: bool) -> None:
+        """Ledger: N trades exactly once into PostgreSQL through the real consumer (scratch NATS + PG)."""
+        from benchmarks.bench_settlement import run
+
+        _print(run(trades, batch_max=batch_max, events_per_msg=events_per_msg, live_rate=live_rate))
+
     @bench.command("ws")
     @click.option("--clients", default=10_000, show_default=True)
     @click.option("--sample", default=100, show_default=True, help="Connections that parse and time every frame.")

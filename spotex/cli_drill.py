@@ -69,6 +69,17 @@ def register(main: click.Group) -> None:
 
         _run("split-brain", data_dir, out, fn, commands=commands, rate=rate)
 
+    @drill.command("ledger-kill-recover")
+    @_common
+    @click.option("--commands", default=3000, show_default=True)
+    @click.option("--rate", default=600.0, show_default=True, help="Commands per second.")
+    @click.option("--kills", default=1, show_default=True, help="Times the ledger is kill -9'd under load.")
+    def ledger_kill_recover(data_dir: str | None, out: str | None, commands: int, rate: float, kills: int) -> None:
+        """Seed §4.1 Ledger only: kill -9 the ledger while trades flow; no duplicate, none missing."""
+        from runbooks.ledger_drills import ledger_kill_recover as fn
+
+        _run("ledger-kill-recover", data_dir, out, fn, commands=commands, rate=rate, kills=kills)
+
     @drill.command("network-partition")
     @_common
     @click.option("--commands", default=2000, show_default=True)
@@ -108,6 +119,19 @@ def register(main: click.Group) -> None:
         from runbooks.jobs_drills import budget_failure as fn
 
         _run("budget-failure", data_dir, out, fn)
+
+    @drill.command("exactly-once-million")
+    @click.option("--out", default=None, help="Evidence directory (default build/runbooks/exactly-once-million).")
+    @click.option("--trades", default=1_000_000, show_default=True)
+    @click.option("--kills", default=10, show_default=True, help="kill -9 points (at least 10 for the proof).")
+    @click.option("--seed", default=7, show_default=True)
+    @click.option("--dup-deliveries", default=1_000, show_default=True,
+                  help="Deliveries of the one trade of the concurrent-duplicate variant.")
+    def exactly_once_million(out: str | None, trades: int, kills: int, seed: int, dup_deliveries: int) -> None:
+        """N trades through the real ledger consumer, kill -9'd at random points with forced redelivery."""
+        from runbooks.ledger_drills import exactly_once_million as fn
+
+        sys.exit(0 if fn(out, trades=trades, kills=kills, seed=seed, dup_deliveries=dup_deliveries) else 1)
 
     @drill.command("ws-drop-spike")
     @_common

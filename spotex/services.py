@@ -26,6 +26,7 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec("core", "spotex.runners:run_core"),
     # A warm standby: tails the journal and takes over when the leader's lease expires.
     ServiceSpec("core-standby", "spotex.runners:run_core_standby", enabled=lambda cfg, demo: cfg.core.standby),
+    ServiceSpec("ledger", "ledger.service:run"),
     # The demo trader: funded accounts, a market maker and takers over the real command path.
     ServiceSpec("demo", "spotex.demo:run", enabled=lambda cfg, demo: demo and cfg.demo.enabled),
     ServiceSpec("exporter", "jobs.exporter:run"),
