@@ -119,7 +119,7 @@ class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     # A T2/T3 breach engages the latch once it has lasted this long (a restart's catch-up is not one).
     lag_breach_s: float = 5.0
     consumer_name: str = "ledger"
-    fetch_max_msgs: int = 256
+    fetch_max_msgs: int = 64
     ack_wait_s: float = 30.0
     reconcile_interval_s: float = 1.0
     invariants_interval_s: float = 10.0
