@@ -54,7 +54,7 @@ from edge.errors import PROBLEM_CONTENT_TYPE, SpotexError, to_binance, to_proble
 from edge.idempotency import IdempotencyStore, StoredResponse, fingerprint, validate_key
 from edge.idempotency import run as idem_run
 from edge.ratelimit import RATELIMIT_DROPS, EdgeRateLimiter
-from spotex.config import Config
+from spotex.config import Config, market_configs
 
 __all__ = ["EdgeState", "create_app", "edge_state", "json_response", "problem_stored"]
 
@@ -393,18 +393,6 @@ def master_key_path(cfg: Config, data_dir: Path) -> Path:
     return data_dir / "secrets" / "edge_master.key"
 
 
-def _market_configs(cfg: Config) -> list[MarketConfig]:
-    # The same mapping as spotex.runners.market_configs (which the edge may not import).
-    from core.wire import amount_to_minor, market_config
-
-    dec = {a.symbol: a.decimals for a in cfg.assets}
-    return [market_config(m.symbol, m.base, m.quote, base_scale=dec[m.base], quote_scale=dec[m.quote],
-                          tick_size=m.tick_size, lot_size=m.lot_size,
-                          min_notional=amount_to_minor(m.min_notional, dec[m.quote]),
-                          price_band_bps=m.price_band_bps, maker_fee_bps=m.maker_fee_bps,
-                          taker_fee_bps=m.taker_fee_bps) for m in cfg.markets]
-
-
 def _optional_module(name: str) -> Any:
     """Market data and WebSocket are mounted when their modules are installed."""
     try:
@@ -419,7 +407,7 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
                markets: list[MarketConfig] | None = None, box: SecretBox | None = None,
                connect: bool = True) -> Litestar:
     """The edge app. ``connect=False`` builds it without a lifespan (for the OpenAPI document only)."""
-    mkts = markets if markets is not None else _market_configs(cfg)
+    mkts = markets if markets is not None else market_configs(cfg)
     state = EdgeState(cfg=cfg, markets={m.symbol: m for m in mkts},
                       asset_scales={a.symbol: a.decimals for a in cfg.assets})
 

@@ -53,7 +53,7 @@ class _Edge:
 
         from edge.marketdata import MarketData
         from edge.ws import LocalEdge, WsHub, WsLimits
-        from spotex.runners import market_configs
+        from spotex.config import market_configs
 
         self.nc = await nats.connect(self.d.endpoints.nats_url)
         js = self.nc.jetstream()

@@ -31,6 +31,7 @@ __all__ = [
     "PostgresSection",
     "SecuritySection",
     "load_config",
+    "market_configs",
     "masked",
 ]
 
@@ -309,6 +310,19 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(f"invalid configuration: {exc}") from None
     _validate(cfg)
     return cfg
+
+
+def market_configs(cfg: Config) -> list[Any]:
+    """The configured markets as the core's ``MarketConfig`` (integer factors derived from the
+    decimal sizes and the assets' decimals). One mapping for every service."""
+    from core.wire import amount_to_minor, market_config
+
+    dec = {a.symbol: a.decimals for a in cfg.assets}
+    return [market_config(m.symbol, m.base, m.quote, base_scale=dec[m.base], quote_scale=dec[m.quote],
+                          tick_size=m.tick_size, lot_size=m.lot_size,
+                          min_notional=amount_to_minor(m.min_notional, dec[m.quote]),
+                          price_band_bps=m.price_band_bps, maker_fee_bps=m.maker_fee_bps,
+                          taker_fee_bps=m.taker_fee_bps) for m in cfg.markets]
 
 
 def _validate(cfg: Config) -> None:

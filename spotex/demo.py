@@ -32,7 +32,7 @@ FUNDING = {"BTC": "50", "ETH": "500", "SOL": "20000", "USDT": "5000000"}
 
 class DemoTrader:
     def __init__(self, ctx: ServiceContext) -> None:
-        from spotex.runners import market_configs
+        from spotex.config import market_configs
 
         self.ctx = ctx
         self.cfg = ctx.cfg

@@ -12,33 +12,14 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any
 
-from spotex.config import Config
+from spotex.config import market_configs
 
 if TYPE_CHECKING:
-    from core.wire import MarketConfig
     from spotex.cli import ServiceContext
 
 __all__ = ["market_configs", "run_core", "run_core_standby"]
 
 log = logging.getLogger("spotex.runners")
-
-
-def market_configs(cfg: Config) -> list[MarketConfig]:
-    from core.wire import amount_to_minor, market_config
-
-    decimals = {a.symbol: a.decimals for a in cfg.assets}
-    out = []
-    for m in cfg.markets:
-        out.append(
-            market_config(
-                m.symbol, m.base, m.quote,
-                base_scale=decimals[m.base], quote_scale=decimals[m.quote],
-                tick_size=m.tick_size, lot_size=m.lot_size,
-                min_notional=amount_to_minor(m.min_notional, decimals[m.quote]),
-                price_band_bps=m.price_band_bps, maker_fee_bps=m.maker_fee_bps, taker_fee_bps=m.taker_fee_bps,
-            )
-        )
-    return out
 
 
 def _stop_on_signals(stop: Any) -> None:
