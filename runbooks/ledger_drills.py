@@ -257,7 +257,11 @@ async def _run_million(out: Path, nats_url: str, dsn: str, trades: int, kills: i
     pool = await asyncpg.create_pool(dsn, min_size=2, max_size=20)
     feed = SyntheticFeed(trades, seed=seed, checkpoint_every=max(1_000, trades // 20))
     t0 = time.perf_counter()
-    publisher = asyncio.create_task(publish_feed(js, feed.messages()))
+    # Small runs are paced over ~20 s so that the kills land while trades are still flowing (each
+    # restart takes about a second); a large run is paced by its own generation.
+    approx_events = trades + 3 * 200 * 2 + 10
+    pace = None if trades >= 100_000 else approx_events / 20.0
+    publisher = asyncio.create_task(publish_feed(js, feed.messages(), rate=pace))
     ledger = _LedgerProc(nats_url, dsn, out / "ledger-service.log", ack_wait_s=2.0, drop_acks=0.02)
     ledger.start()
 
@@ -266,7 +270,6 @@ async def _run_million(out: Path, nats_url: str, dsn: str, trades: int, kills: i
             return int(await c.fetchval("SELECT coalesce(sum(last_seq), 0) FROM ledger_consumer_checkpoint"))
 
     # Kill points: spread over the run by progress (events settled), never two at the same point.
-    approx_events = trades + 3 * 200 * 2 + 10
     points = sorted(rng.sample(range(approx_events // 50, approx_events * 9 // 10), kills))
     kill_log: list[dict[str, Any]] = []
     replays = 0
@@ -274,13 +277,19 @@ async def _run_million(out: Path, nats_url: str, dsn: str, trades: int, kills: i
     for i, point in enumerate(points):
         # Each kill lands after the restarted process has settled something: mid-run, not mid-start.
         point = max(point, prev_at + 1)
-        await _wait(lambda p=point: _ge(settled, p), max(300.0, trades / 500), f"settled events >= {point}",
-                    every=0.02)
+
+        async def reached(p: int = point) -> bool:
+            at = await settled()
+            # A small run may settle everything before all its kills: the rest then land at the end.
+            return at >= p or (publisher.done() and at >= sum(feed.seqs.values()))
+
+        await _wait(reached, max(300.0, trades / 500), f"settled events >= {point}", every=0.02)
         await asyncio.sleep(rng.uniform(0, 0.3))  # somewhere inside a batch, not on a boundary
         at = await settled()
         pid = ledger.kill9()
         prev_at = at
-        entry: dict[str, Any] = {"n": i + 1, "pid": pid, "settled_events_at_kill": at}
+        entry: dict[str, Any] = {"n": i + 1, "pid": pid, "settled_events_at_kill": at,
+                                 "while_trades_flowing": not publisher.done()}
         if i % 3 == 1:
             # Forced redelivery: the durable consumer replays EVT from its first message.
             with contextlib.suppress(Exception):
@@ -364,10 +373,6 @@ async def _run_million(out: Path, nats_url: str, dsn: str, trades: int, kills: i
                                "direct_settlements_applied": sum(o.trades for o in outs)},
         "exactly_once_million_ok": ok,
     }
-
-
-async def _ge(fn: Any, v: int) -> bool:
-    return bool(await fn() >= v)
 
 
 def exactly_once_million(out_dir: str | None = None, trades: int = 1_000_000, kills: int = 10, seed: int = 7,

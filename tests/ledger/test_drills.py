@@ -27,9 +27,6 @@ def test_ledger_kill_recover_drill(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="OPEN (issue 4): the exactly-once-million drill exits non-zero before writing its "
-                         "evidence at this size; not yet diagnosed. Run by hand: spotex drill exactly-once-million "
-                         "--trades 2000 --kills 10")
 def test_exactly_once_million_drill_small(tmp_path: Path) -> None:
     out = tmp_path / "eom"
     res = spotex_cli("drill", "exactly-once-million", "--trades", "2000", "--kills", "10", "--out", str(out),
@@ -38,6 +35,11 @@ def test_exactly_once_million_drill_small(tmp_path: Path) -> None:
     assert "exactly_once_million_ok=true" in res.stdout
     s = json.loads((out / "exactly-once-million-summary.json").read_text())
     assert s["kill_count"] >= 10 and s["forced_full_redeliveries"] >= 1
+    # Most kills land while trades are still being published (a slow restart may push the last
+    # ones past the end of the paced feed).
+    assert sum(k["while_trades_flowing"] for k in s["kills"]) >= 5
+    at = [k["settled_events_at_kill"] for k in s["kills"]]
+    assert at == sorted(set(at))  # each kill after the restarted process made progress
     assert s["duplicates"] == 0 and s["gaps"] == [] and s["balances_equal_core"]
     assert s["ledger_trade_rows"] == 2001 and s["duplicate_delivery"]["journal_rows"] == 1
     assert set(s["engine_checkpoints"]) == {"match"}
