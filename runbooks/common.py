@@ -23,7 +23,8 @@ from spotex.config import Config, load_config
 from spotex.paths import DataDir
 from spotex.supervisor import Endpoints, resolve_endpoints
 
-__all__ = ["Drill", "LoadResult", "drill_stack", "journal_commands", "publish_load", "service_status"]
+__all__ = ["Drill", "LoadResult", "drill_stack", "journal_commands", "publish_load", "service_status",
+           "stream_messages"]
 
 
 def _cli(data_dir: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -162,24 +163,29 @@ async def _settle(pending: list[tuple[str, Any]], res: LoadResult) -> None:
     pending.clear()
 
 
-async def journal_commands(nats_url: str) -> list[Any]:
-    """Every journal record on SEQ, in order."""
+async def stream_messages(nats_url: str, stream: str) -> list[bytes]:
+    """Every message body of a JetStream stream, in order."""
     import nats
-
-    from core.node import JOURNAL_STREAM
-    from core.recovery import decode_journal
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    out: list[Any] = []
+    out: list[bytes] = []
     try:
-        info = await js.stream_info(JOURNAL_STREAM)
+        info = await js.stream_info(stream)
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(JOURNAL_STREAM, seq)
-            out.extend(decode_journal(msg.data or b""))
+            msg = await js.get_msg(stream, seq)
+            out.append(msg.data or b"")
     finally:
         await nc.close()
     return out
+
+
+async def journal_commands(nats_url: str) -> list[Any]:
+    """Every journal record on SEQ, in order."""
+    from core.node import JOURNAL_STREAM
+    from core.recovery import decode_journal
+
+    return [r for data in await stream_messages(nats_url, JOURNAL_STREAM) for r in decode_journal(data)]
 
 
 async def service_status(url: str) -> dict[str, Any] | None:

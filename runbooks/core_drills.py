@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runbooks.common import Drill, journal_commands, publish_load, service_status
+from runbooks.common import Drill, journal_commands, publish_load, service_status, stream_messages
 
 __all__ = ["core_kill_recover", "split_brain"]
 
@@ -270,17 +270,8 @@ async def split_brain(d: Drill, commands: int = 4000, rate: float = 800.0, seed:
 
 
 async def _evt_events(nats_url: str, stream: str, decode: Any) -> dict[str, list[Any]]:
-    import nats
-
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
     out: dict[str, list[Any]] = {}
-    try:
-        info = await js.stream_info(stream)
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(stream, seq)
-            evs = decode(msg.data)
-            out.setdefault(evs[0].symbol, []).extend(evs)
-    finally:
-        await nc.close()
+    for data in await stream_messages(nats_url, stream):
+        evs = decode(data)
+        out.setdefault(evs[0].symbol, []).extend(evs)
     return out

@@ -127,7 +127,7 @@ def verify_snapshot_rehearsal(core_dir: Path, snapshot_path: str | None, snapsho
                               sha256_file: str | None) -> dict[str, Any]:
     """Verify a snapshot's checksum, restore it, replay the WAL after it, and compare the state hash
     with a full replay of the node's own snapshot + WAL."""
-    from core.recovery import NodeSnapshot, recover
+    from core.recovery import recover
     from core.snapshot import latest_valid_snapshot, list_snapshots, verify_snapshot
 
     t0 = time.perf_counter()
@@ -172,11 +172,6 @@ def verify_snapshot_rehearsal(core_dir: Path, snapshot_path: str | None, snapsho
         if loaded is None or loaded.seq != ver.seq:
             report["reason"] = "restore did not use the verified snapshot"
             return report
-        import msgspec
-
-        from core.engine import Engine
-
-        Engine.from_snapshot(msgspec.msgpack.decode(loaded.payload, type=NodeSnapshot).engine)
         full = recover(core_dir, keep_events=False)
         report.update(
             restored_last_seq=restored.engine.last_seq,

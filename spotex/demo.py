@@ -30,6 +30,11 @@ START_PRICES = {"BTC": "65000", "ETH": "3200", "SOL": "150"}
 FUNDING = {"BTC": "50", "ETH": "500", "SOL": "20000", "USDT": "5000000"}
 
 
+def _min_lots(m: Any, mid: int) -> int:
+    """The fewest lots whose notional at ``mid`` clears the market's minimum."""
+    return max(1, int(m.min_notional) // (mid * int(m.quote_per_tick_lot)) + 1)
+
+
 class DemoTrader:
     def __init__(self, ctx: ServiceContext) -> None:
         from spotex.config import market_configs
@@ -93,7 +98,7 @@ class DemoTrader:
             self.mids[m.symbol] = mid
             await self.send(CancelAllAccount(account_id=self.maker, symbol=m.symbol))
             lot = qty_to_lots(m.lot_size, m)
-            base_qty = max(1, (m.min_notional // (mid * m.quote_per_tick_lot)) + 1) * lot
+            base_qty = _min_lots(m, mid) * lot
             for level in range(1, 6):
                 for side, px in ((Side.BUY, mid - level * step), (Side.SELL, mid + level * step)):
                     await self.send(PlaceOrder(account_id=self.maker, symbol=m.symbol, client_order_id="",
@@ -106,7 +111,7 @@ class DemoTrader:
         mid = self._mid(m)
         acct = self.rng.choice(self.accounts[1:])
         side = self.rng.choice((Side.BUY, Side.SELL))
-        qty = max(1, (m.min_notional // (mid * m.quote_per_tick_lot)) + 1) * self.rng.randint(1, 3)
+        qty = _min_lots(m, mid) * self.rng.randint(1, 3)
         if self.rng.random() < 0.3:
             await self.send(PlaceOrder(account_id=acct, symbol=m.symbol, client_order_id="", side=side,
                                        type=OrderType.MARKET, qty_lots=qty))
