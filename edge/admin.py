@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import re
+import time
 from typing import Annotated, Any
 
 import msgspec
@@ -158,25 +160,74 @@ def _reconcile() -> Any:
         return None
 
 
+# A second approver's release counts the earlier requests of other approvers for the same latch
+# (engaged after the same audit entry) and the same ticket, made within this window.
+APPROVAL_WINDOW_MS = 3_600_000
+SYS_STREAM = "_sys"
+
+
+async def _earlier_approvers(st: EdgeState, symbol: str, engaged_seq: int | None, ticket: str) -> list[str]:
+    rows = await st.pool.fetch(
+        "SELECT actor, body FROM audit_chain WHERE chain = 'admin' AND action = 'LatchReleaseRequested' "
+        "AND seq > $1 AND ts_ms >= $2 ORDER BY seq", engaged_seq or 0, time.time_ns() // 1_000_000 - APPROVAL_WINDOW_MS)
+    out: list[str] = []
+    for r in rows:
+        body = json.loads(r["body"])
+        same = (body.get("params") or {}).get("symbol") == symbol and body.get("ticket") == ticket.strip()
+        if same and r["actor"] not in out:
+            out.append(str(r["actor"]))
+    return out
+
+
 @post("/v1/admin/reconciliation/latch/{symbol:str}/release", status_code=200, responses=ADMIN_ERRORS,
-      security=_SEC, tags=["admin"], summary="Release the reconciliation latch of a symbol (approver)")
+      security=_SEC, tags=["admin"],
+      summary="Release the reconciliation latch of a symbol (approver; `_sys` resumes withdrawals)")
 async def latch_release(request: Request[Any, Any, Any], symbol: str, data: AdminIn) -> Response[Any]:
+    """Audited (``LatchReleaseRequested``) before anything changes. ``ledger.reconcile.release_latch``
+    then checks lag 0 (the engine's seq on EVT, read over the edge's JetStream context) and the
+    invariants, writes ``LatchRelease`` and sends NORMAL to the core. A refusal is a problem+json with
+    the ledger's code (LATCH_NOT_FOUND, LATCH_NOT_ENGAGED, LAG_NOT_ZERO, ...) and a
+    ``LatchReleaseRequested.failed`` entry. Where a second approver is required, the request records
+    this approver's approval; a distinct approver's request with the same ticket completes it."""
     st = edge_state(request)
     ident = await st.authenticate_operator(request, "approver")
-    _symbol(st, symbol)
+    if symbol != SYS_STREAM:
+        _symbol(st, symbol)
     rec = _reconcile()
-    fn = getattr(rec, "release_latch", None) if rec is not None else None
-    if fn is None:
+    if rec is None or st.pool is None:
         raise SpotexError("UNAVAILABLE", detail="the reconciliation latch is not available in this deployment")
+    if not data.reason.strip():
+        raise SpotexError("AUDIT_REASON_REQUIRED", detail="an approval reason is required")
+    if not data.ticket.strip():
+        raise SpotexError("AUDIT_TICKET_REQUIRED", detail="a ticket id is required")
+    latch = (await rec.latch_state(st.pool)).get(symbol)
+    if latch is None:
+        raise SpotexError("LATCH_NOT_FOUND", detail=f"the latch of {symbol} was never engaged")
+    if not latch.get("engaged"):
+        raise SpotexError("LATCH_NOT_ENGAGED", detail=f"the latch of {symbol} is already released")
+    if st.js is None or st.nc is None or not st.nc.is_connected:
+        raise SpotexError("ENGINE_UNAVAILABLE", detail="the edge has no JetStream connection: cannot check the lag")
+    second = rec.second_approver_required(st.cfg)
+    approvers = [*(await _earlier_approvers(st, symbol, latch.get("engaged_audit_seq"), data.ticket)), ident.actor]
+    approvers = list(dict.fromkeys(approvers))
+    js = st.js
 
     async def act() -> Any:
-        return await fn(st.pool, symbol, [ident.actor], data.reason, data.ticket)
+        res = await rec.release_latch(st.pool, symbol, approvers, data.reason, data.ticket, js=js,
+                                      evt_stream=st.cfg.nats.evt_stream, requires_second_approver=second)
+        if not res.ok:
+            raise SpotexError(res.code, status=res.status, detail=res.detail)
+        return res
 
-    entry, result = await _audited(st, ident, "LatchReleaseRequested", {"symbol": symbol}, data, act)
-    out = result if isinstance(result, (dict, list, str, int, bool)) or result is None else str(result)
-    if hasattr(result, "to_dict"):
-        out = result.to_dict()
-    return json_response({"symbol": symbol, "result": out, "auditSeq": entry.seq})
+    entry, res = await _audited(st, ident, "LatchReleaseRequested",
+                                {"symbol": symbol, "latched_mode": latch.get("mode"), "second_approver": second},
+                                data, act)
+    if symbol == SYS_STREAM:
+        st.withdrawals_halted = False
+    elif res.mode_set:
+        st.modes[symbol] = res.mode_set
+    return json_response({"symbol": symbol, "released": True, "modeSet": res.mode_set, "lag": res.lag,
+                          "approvers": approvers, "releaseAuditSeq": res.audit_seq, "auditSeq": entry.seq})
 
 
 @post("/v1/admin/break-glass/enable", status_code=200, responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
@@ -217,7 +268,7 @@ async def admin_status(request: Request[Any, Any, Any]) -> Response[Any]:
         core = {"error": exc.code}
     latches: Any = None
     rec = _reconcile()
-    for name in ("latch_states", "latch_status", "latches"):
+    for name in ("latch_state",):
         fn = getattr(rec, name, None) if rec is not None else None
         if fn is not None:
             try:
@@ -268,5 +319,72 @@ async def audit_export(request: Request[Any, Any, Any],
                     headers={"Content-Disposition": f'attachment; filename="audit-{chain}.jsonl"'})
 
 
+# --- scheduled checks (the jobs service's NATS request/reply API) --------------------------------
+
+JOBS_LIST_SUBJECT = "jobs.list"
+JOBS_RUN_SUBJECT = "jobs.run"
+JOBS_LIST_TIMEOUT_S = 3.0
+JOBS_RUN_TIMEOUT_S = 60.0  # a run replies when it ends; the checks are seconds, not minutes
+_JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+async def _jobs_request(st: EdgeState, subject: str, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request to the jobs service; 503 UNAVAILABLE (with why) when it cannot answer."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    if st.nc is None or not st.nc.is_connected:
+        raise SpotexError("UNAVAILABLE", detail="the edge is not connected to NATS")
+    try:
+        msg = await st.nc.request(subject, json.dumps(payload).encode(), timeout=timeout)
+    except NoRespondersError:
+        raise SpotexError("UNAVAILABLE", detail=f"no jobs service answers {subject} (not running, or a version "
+                                                "without its request API)") from None
+    except NatsTimeout:
+        raise SpotexError("UNAVAILABLE",
+                          detail=f"the jobs service did not answer {subject} in {timeout:.0f}s") from None
+    try:
+        out = json.loads(msg.data)
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise SpotexError("UNAVAILABLE", detail=f"the jobs service sent a malformed reply to {subject}")
+    return out
+
+
+@get("/v1/admin/jobs", responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
+     summary="Scheduled checks: schedule, next run, last run and its outcome (viewer)")
+async def jobs_list(request: Request[Any, Any, Any]) -> Response[Any]:
+    st = edge_state(request)
+    await st.authenticate_operator(request, "viewer")
+    out = await _jobs_request(st, JOBS_LIST_SUBJECT, {}, JOBS_LIST_TIMEOUT_S)
+    if not isinstance(out.get("jobs"), list):
+        raise SpotexError("UNAVAILABLE", detail="the jobs service's list has no jobs array")
+    return json_response({"jobs": out["jobs"]})
+
+
+@post("/v1/admin/jobs/{name:str}/run", status_code=200, responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
+      summary="Run a scheduled check now (operator); replies with its outcome when it ends")
+async def job_run(request: Request[Any, Any, Any], name: str, data: AdminIn) -> Response[Any]:
+    st = edge_state(request)
+    ident = await st.authenticate_operator(request, "operator")
+    if not _JOB_NAME.match(name):
+        raise SpotexError("VALIDATION", detail="a job name is 1-64 characters of [a-z0-9_], starting with a letter")
+
+    async def act() -> dict[str, Any]:
+        out = await _jobs_request(st, JOBS_RUN_SUBJECT, {"job": name, "actor": ident.actor, "reason": data.reason,
+                                                         "ticket": data.ticket}, JOBS_RUN_TIMEOUT_S)
+        err = out.get("error")
+        if err in ("UNKNOWN_JOB", "JOB_RUNNING"):
+            raise SpotexError(str(err), detail=f"{name}: {out.get('detail') or err}")
+        if err is not None:
+            raise SpotexError("UNAVAILABLE", detail=f"the jobs service refused the run: {err}")
+        return out
+
+    entry, out = await _audited(st, ident, "RunCheck", {"job": name}, data, act)
+    return json_response({"job": name, "runId": out.get("run_id"), "outcome": out.get("outcome"),
+                          "summary": out.get("summary"), "auditSeq": entry.seq})
+
+
 ROUTES = [set_mode, admin_cancel_all, withdrawals_halt, latch_release, break_glass_enable, break_glass_disable,
-          break_glass_status, admin_status, audit_list, audit_export]
+          break_glass_status, admin_status, audit_list, audit_export, jobs_list, job_run]

@@ -113,6 +113,28 @@ register("AUDIT_TICKET_REQUIRED", 400, "Ticket required", "Every admin action ne
 register("AUDIT_UNAVAILABLE", 503, "Audit chain unavailable",
          "The audit entry could not be appended, so the action was not taken.")
 register("BREAK_GLASS_TTL", 400, "Invalid break-glass TTL", "The TTL is not within 1 s .. the configured maximum.")
+register("LATCH_NOT_FOUND", 404, "No latch on this symbol",
+         "The reconciliation latch of this symbol was never engaged.", order_execution=None)
+register("LATCH_NOT_ENGAGED", 409, "Latch not engaged", "The symbol's latch is already released.", order_execution=None)
+register("LAG_NOT_ZERO", 409, "Settlement lag not zero",
+         "A latch releases only when the ledger has settled everything the engine published.", order_execution=None)
+register("SETTLEMENT_STOPPED", 409, "Settlement stopped",
+         "The symbol's settlement stream is stopped (gap, fencing, bad event); resume it first.",
+         order_execution=None)
+register("INVARIANTS_FAILING", 409, "Invariants failing", "A latch releases only while the ledger invariants pass.",
+         order_execution=None)
+register("SECOND_APPROVER_REQUIRED", 409, "Second approver required",
+         "The approval is recorded; a distinct second approver must send the same release (same ticket).",
+         order_execution=None)
+register("APPROVER_REQUIRED", 400, "Approver required", "A latch release needs an approver.", order_execution=None)
+register("ENGINE_UNAVAILABLE", 503, "Engine unavailable",
+         "The engine's seq (EVT on JetStream) cannot be read, so the lag cannot be checked.", order_execution=None)
+register("CORE_UNAVAILABLE", 503, "Core unavailable",
+         "The command could not be sent to the core; the latch stays engaged (safe side).", order_execution=None)
+register("UNKNOWN_JOB", 404, "Unknown job", "The jobs service has no scheduled check of this name.",
+         order_execution=None)
+register("JOB_RUNNING", 409, "Job running", "The scheduled check is running now; wait for its result.",
+         order_execution=None)
 
 # --- order reject pass-through (core reject reasons; the order did not execute) -------------------
 # 422: the request is well-formed but breaks a trading rule for its own content or the account's
