@@ -210,6 +210,11 @@ class Engine:
         # Terminal orders kept for lookups only: not state (not hashed, not in snapshots).
         self._recent: OrderedDict[int, Order] = OrderedDict()
         self._recent_coid: dict[tuple[int, str], int] = {}
+        # Orders that went terminal, oldest first, not yet indexed into _recent: indexing is deferred
+        # to the first lookup (replay and the hot path only append here). Trimmed to the newest
+        # ``recent_orders`` once it holds twice that many (see _trim_retired).
+        self._retired: list[Order] = []
+        self._retired_max = max(2 * recent_orders, 1024)
         # Per-command context.
         self._ts = 0
         self._corr = ""
@@ -267,6 +272,8 @@ class Engine:
         ce = self._ckpt_every
         if ce and seq % ce == 0:
             self._checkpoint()
+        if len(self._retired) > self._retired_max:
+            self._trim_retired()
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -355,20 +362,44 @@ class Engine:
         )
 
     def _retire(self, o: Order) -> None:
-        """Remember a terminal order for lookups (bounded, not part of the state)."""
+        """Remember a terminal order for lookups (bounded, not part of the state). Deferred: the
+        order is indexed into ``_recent`` by :meth:`_index_retired` at the next lookup."""
+        self._retired.append(o)
+
+    def _trim_retired(self) -> None:
+        """Keep only the newest ``recent_orders`` pending retirements: they alone will be in the
+        lookup cache, so whatever it holds now would be evicted by them anyway."""
         cap = self._recent_cap
-        if not cap:
+        pending = self._retired
+        if cap:
+            del pending[:-cap]
+        else:
+            pending.clear()
+        self._recent.clear()
+        self._recent_coid.clear()
+
+    def _index_retired(self) -> None:
+        """Index the pending terminal orders into the bounded lookup cache, oldest first: the cache
+        then holds the last ``recent_orders`` terminal orders, exactly as if indexed one by one."""
+        pending = self._retired
+        if not pending:
             return
+        cap = self._recent_cap
+        if len(pending) >= cap:
+            self._trim_retired()
+        self._retired = []
         recent = self._recent
-        recent[o.order_id] = o
-        if o.client_order_id:
-            self._recent_coid[(o.account_id, o.client_order_id)] = o.order_id
-        if len(recent) > cap:
-            _, old = recent.popitem(last=False)
-            if old.client_order_id:
-                key = (old.account_id, old.client_order_id)
-                if self._recent_coid.get(key) == old.order_id:
-                    del self._recent_coid[key]
+        recent_coid = self._recent_coid
+        for o in pending:
+            recent[o.order_id] = o
+            if o.client_order_id:
+                recent_coid[(o.account_id, o.client_order_id)] = o.order_id
+            if len(recent) > cap:
+                _, old = recent.popitem(last=False)
+                if old.client_order_id:
+                    key = (old.account_id, old.client_order_id)
+                    if recent_coid.get(key) == old.order_id:
+                        del recent_coid[key]
 
     def _unindex(self, o: Order, acct: Account) -> None:
         del self._orders[o.order_id]
@@ -416,7 +447,7 @@ class Engine:
                 o.order_id, o.account_id, o.client_order_id, reason, rem, o.filled, moves,
             )
         )
-        self._retire(o)
+        self._retired.append(o)
 
     def _band_ref(self, m: Market) -> tuple[int, int]:
         """Price band reference as a fraction num/den: last trade, else mid (den 2), else (0, 1)."""
@@ -522,7 +553,7 @@ class Engine:
         stop = STOP_BOOK
         taker_side = BUY if is_buy else SELL
         all_orders = self._orders
-        recent_cap = self._recent_cap
+        retired = self._retired
         while rem > 0 and keys:
             if is_buy:
                 p = -keys[-1]
@@ -639,8 +670,7 @@ class Engine:
                     mcoid = mo.client_order_id
                     if mcoid and mac.coids.get(mcoid) is mo:
                         del mac.coids[mcoid]
-                    if recent_cap:
-                        self._retire(mo)
+                    retired.append(mo)
                     if not orders:
                         # the level matched is always the best one: its key is the last
                         del levels[p]
@@ -847,7 +877,7 @@ class Engine:
         if filled_all:
             # hold is 0 here: a filled limit buy consumed rem*price*k, a market order its walked cost
             o.status = ST_FILLED
-            self._retire(o)
+            self._retired.append(o)
         elif tif is GTC and stop != STOP_STP:
             if o.filled:
                 o.status = ST_PARTIAL
@@ -873,7 +903,7 @@ class Engine:
                     oid, aid, coid, R_STP if stop == STOP_STP else R_IOC, rem, o.filled, moves,
                 )
             )
-            self._retire(o)
+            self._retired.append(o)
         if m.touched:
             self._flush_book(m)
         return None
@@ -958,7 +988,7 @@ class Engine:
         out.append(
             BookDelta(prefix + str(s + 2), sym, s + 2, ts, corr, cause, fence, [LevelChange(lside, price, total)])
         )
-        self._retire(o)
+        self._retired.append(o)
         return None
 
     def _amend(self, c: AmendOrder) -> None:
@@ -1093,7 +1123,7 @@ class Engine:
         if rem == 0:
             self._unindex(o, acct)
             o.status = ST_FILLED
-            self._retire(o)
+            self._retired.append(o)
         elif stop == STOP_STP:
             self._unindex(o, acct)
             acct.hold[ai] -= hold
@@ -1104,7 +1134,7 @@ class Engine:
             self._out.append(
                 OrderCanceled(*self._env_m(m), o.order_id, aid, o.client_order_id, R_STP, rem, o.filled, moves)
             )
-            self._retire(o)
+            self._retired.append(o)
         else:
             if is_buy:
                 m.bids.add(o)
@@ -1493,6 +1523,7 @@ class Engine:
 
     def order(self, order_id: int) -> OrderView | None:
         """An open order, or a recently terminal one (bounded cache, not part of the state)."""
+        self._index_retired()
         o = self._orders.get(order_id) or self._recent.get(order_id)
         return self._view(o) if o is not None else None
 
@@ -1500,6 +1531,7 @@ class Engine:
         acct = self._accounts.get(account_id)
         o = acct.coids.get(client_order_id) if acct is not None else None
         if o is None:
+            self._index_retired()
             oid = self._recent_coid.get((account_id, client_order_id))
             o = self._recent.get(oid) if oid is not None else None
         return self._view(o) if o is not None else None

@@ -1,0 +1,101 @@
+"""Replay fast paths: they must give exactly what the one-record-at-a-time definitions give.
+
+- the engine's deferred lookup cache of terminal orders (indexed at the first lookup, trimmed while
+  nobody looks) answers every lookup as an engine that indexed each order as it went terminal;
+- ``recover`` folds the sequencer's dedupe window in after the loop, which must equal
+  ``NodeState.record`` applied record by record (trimming and repeated source seqs included).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+from core import recovery
+from core.engine import Engine
+from core.recovery import JournalRecord, NodeState, encode_record, recover
+from core.sim import generate, sim_markets
+from core.wal import WalWriter
+from core.wire import AddMarket, Command, PlaceOrder, SequencedCommand
+
+
+def _stream(seed: int, n: int) -> list[SequencedCommand]:
+    cmds: list[Command] = [AddMarket(config=m) for m in sim_markets()]
+    cmds += generate(seed, n)
+    return [SequencedCommand(seq=i, ts_ms=1_700_000_000_000 + i, fencing_token=1, correlation_id=f"c{i}",
+                             command=c) for i, c in enumerate(cmds, 1)]
+
+
+@pytest.mark.parametrize("cap", [0, 1, 7, 64, 10_000])
+def test_deferred_recent_orders_answer_as_eager_indexing(cap: int) -> None:
+    stream = _stream(3, 1_500)
+    eager = Engine(recent_orders=cap)
+    lazy = Engine(recent_orders=cap)
+    coids: set[tuple[int, str]] = set()
+    for i, sc in enumerate(stream):
+        eager.apply(sc)
+        eager.order(0)  # a lookup after every command indexes each terminal order at once
+        lazy.apply(sc)
+        c = sc.command
+        if isinstance(c, PlaceOrder) and c.client_order_id:
+            coids.add((c.account_id, c.client_order_id))
+        if i % 500 == 250:  # and an occasional lookup mid-stream on the lazy one
+            lazy.order(1)
+    assert len(lazy._retired) <= lazy._retired_max
+    last = stream[-1].seq
+    found = 0
+    for oid in range(1, last + 1):
+        a = eager.order(oid)
+        assert a == lazy.order(oid), oid
+        found += a is not None and not eager.is_open(oid)
+    for aid, coid in sorted(coids):
+        assert eager.order_by_client_id(aid, coid) == lazy.order_by_client_id(aid, coid), (aid, coid)
+    # The cache holds the last `cap` terminal orders (this stream retires ~800, more than 64).
+    assert found == len(eager._recent) <= cap
+    if cap <= 64:
+        assert found == cap
+    assert eager.state_hash() == lazy.state_hash()
+
+
+def _write_wal(core_dir: Path, recs: list[JournalRecord]) -> None:
+    with WalWriter(core_dir / "wal", fsync=False) as wal:
+        for r in recs:
+            wal.append(r.cmd.seq, encode_record(r))
+        wal.commit()
+
+
+@pytest.mark.parametrize("window", [5, 40, 10_000])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_recovered_sources_equal_record_by_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  window: int, repeat: bool) -> None:
+    monkeypatch.setattr(recovery, "SOURCE_WINDOW", window)
+    stream = _stream(5, 120)
+    recs = []
+    for sc in stream:
+        src = 1_000 + sc.seq if sc.seq % 4 else 0  # some commands come from the core itself (0)
+        if repeat and sc.seq in (30, 90):
+            src = 1_000 + 11  # a source seq seen before: it keeps its place
+        recs.append(JournalRecord(src, sc))
+    _write_wal(tmp_path, recs)
+    got = recover(tmp_path, keep_events=False)
+    want = NodeState()
+    for r in recs:
+        want.record(r)
+    assert got.state.last_ts_ms == want.last_ts_ms
+    assert list(got.state.sources.items()) == list(want.sources.items())
+    assert isinstance(got.state.sources, OrderedDict)
+
+
+def test_recover_events_are_the_events_of_the_tail(tmp_path: Path) -> None:
+    stream = _stream(7, 400)
+    _write_wal(tmp_path, [JournalRecord(sc.seq, sc) for sc in stream])
+    ref = Engine(checkpoint_every=100)
+    want = [e for sc in stream for e in ref.apply(sc)]
+    seen: list[int] = []
+    got = recover(tmp_path, checkpoint_every=100, on_events=lambda evs: seen.append(len(evs)))
+    assert got.events == want
+    assert sum(seen) == len(want) and len(seen) == len(stream)
+    assert got.engine.state_hash() == ref.state_hash()
+    assert recover(tmp_path, checkpoint_every=100, keep_events=False).events == []
