@@ -10,9 +10,15 @@
   InitProducerId): a retry can write a record twice. Consumers dedupe on ``spotex-event-id`` and
   order by (symbol, ``spotex-seq``); ``spotex export verify`` counts missing and duplicate ids.
 - A broker that lost its data (the embedded broker keeps records in memory, so a restart empties it)
-  is detected when a partition's end offset falls below an offset Kafka acknowledged earlier, or
-  when the topics are empty while the consumer has already acked messages: the exporter then
-  re-exports EVT from its first message, so nothing is missing downstream.
+  is detected by a *loss check* that runs only while nothing is in flight (the exporter is the only
+  writer of its topics, so the comparison is exact): the epoch record the exporter wrote to
+  ``<prefix>.exporter-epochs`` must still be there, and no partition's end offset may be at or below
+  an offset Kafka acknowledged. The check is due after any produce failure, after the monitor saw
+  the broker unreachable, and every ``loss_check_every_s``; while it is due nothing is produced (a
+  broker that restarted empty must not be refilled with new records before the loss is seen). A
+  loss makes the exporter re-export EVT from its first message (new durable consumer, new epoch),
+  so nothing is missing downstream. At start, empty topics while the durable consumer has already
+  acked messages count as a loss too.
 - When Kafka is down trading is unaffected: the exporter only reads EVT. Its backlog grows
   (``exporter_backlog_messages``) and drains after recovery.
 """
@@ -42,7 +48,8 @@ from core.wire import (
     decode_events,
 )
 
-__all__ = ["Exporter", "ExporterOptions", "evt_last_seqs", "record_for", "run", "topic_for", "topics"]
+__all__ = ["Exporter", "ExporterOptions", "epoch_topic", "evt_last_seqs", "record_for", "run", "topic_for",
+           "topics"]
 
 log = logging.getLogger("jobs.exporter")
 
@@ -55,6 +62,8 @@ M_ACKED = Counter("exporter_messages_acked_total", "EVT messages acked after exp
 M_UNDECODABLE = Counter("exporter_undecodable_messages_total",
                         "EVT messages that are not a list of events: logged, terminated, not exported")
 M_REWINDS = Counter("exporter_rewinds_total", "Re-exports of EVT from its start after the broker lost data")
+M_LOSS_CHECKS = Counter("exporter_loss_checks_total", "Checks that Kafka still holds what it acknowledged",
+                        ["result"])
 M_REACHABLE = Gauge("exporter_broker_reachable", "1 while the Kafka broker answers metadata requests")
 M_BACKLOG = Gauge("exporter_backlog_messages", "EVT messages not yet exported (pending + unacked)")
 M_LAG_MS = Gauge("exporter_lag_ms", "Age of the oldest event not yet acknowledged by Kafka (0 when idle)")
@@ -83,6 +92,7 @@ class ExporterOptions(msgspec.Struct, frozen=True, kw_only=True):
     retry_backoff_min_ms: int = 200
     retry_backoff_max_ms: int = 5_000
     monitor_every_s: float = 1.0
+    loss_check_every_s: float = 5.0
     linger_ms: int = 5
     rewind_on_broker_loss: bool = True
     client_id: str = "spotex-exporter"
@@ -90,6 +100,11 @@ class ExporterOptions(msgspec.Struct, frozen=True, kw_only=True):
 
 def topics(prefix: str) -> list[str]:
     return [f"{prefix}.trades", f"{prefix}.orders", f"{prefix}.book", f"{prefix}.events"]
+
+
+def epoch_topic(prefix: str) -> str:
+    """One partition; a record per exporter (re)start or re-export, written only by exporters."""
+    return f"{prefix}.exporter-epochs"
 
 
 def topic_for(evt: Event, prefix: str) -> str:
@@ -164,9 +179,18 @@ class Exporter:
         self.lag_ms = 0
         self.lag_seq: dict[str, int] = {}
         self.exported_seq: dict[str, int] = {}
-        self.high: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest offset Kafka acked
+        # (topic, partition) -> offset of the first record Kafka acked in the latest produce round that
+        # wrote to it. Not the highest offset: the embedded broker reports a partition's end offset as
+        # the last *batch's* base offset + 1, so only a round's first offset is sure to lie below it.
+        self.acked_mark: dict[tuple[str, int], int] = {}
+        self.epoch_offset: int | None = None  # offset of our record in the epoch topic's partition 0
+        self.loss_checks = 0
+        self.last_loss_check_at: float | None = None  # wall time of the last check that found no loss
         self._rewind_needed = False
-        self._check_loss = False  # a produce failed and then recovered: did the broker restart empty?
+        # A loss check is due: nothing is produced until it decided (set on a produce failure, when
+        # the monitor sees the broker unreachable, and periodically).
+        self._loss_check_due = True
+        self._next_loss_check = 0.0
         self._oldest_unacked_ms: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -237,10 +261,12 @@ class Exporter:
         try:
             await asyncio.wait_for(admin.start(), self.opts.request_timeout_ms / 1000)
             existing = set(await admin.list_topics())
-            missing = [t for t in topics(self.opts.topic_prefix) if t not in existing]
+            want = {t: self.opts.partitions for t in topics(self.opts.topic_prefix)}
+            want[epoch_topic(self.opts.topic_prefix)] = 1
+            missing = [NewTopic(t, n, 1) for t, n in want.items() if t not in existing]
             if missing:
                 with contextlib.suppress(Exception):  # created concurrently by another exporter
-                    await admin.create_topics([NewTopic(t, self.opts.partitions, 1) for t in missing])
+                    await admin.create_topics(missing)
         finally:
             with contextlib.suppress(Exception):
                 await admin.close()
@@ -307,6 +333,7 @@ class Exporter:
                     break
             results = await asyncio.gather(*(f for _, _, f in futs), return_exceptions=True)
             done: dict[int, set[int]] = {}
+            first: dict[tuple[str, int], int] = {}
             for (p, i, _), res in zip(futs, results, strict=True):
                 if isinstance(res, BaseException):
                     self._note_error(res)
@@ -318,8 +345,8 @@ class Exporter:
                 M_PRODUCED.labels(topic).inc()
                 self.produced += 1
                 tp = (topic, int(res.partition))
-                if int(res.offset) > self.high.get(tp, -1):
-                    self.high[tp] = int(res.offset)
+                first[tp] = min(first.get(tp, int(res.offset)), int(res.offset))
+            self.acked_mark.update(first)
             still: list[_Pending] = []
             for p in pend:
                 ok = done.get(id(p), set())
@@ -336,11 +363,13 @@ class Exporter:
             pend = still
             if not pend:
                 break
-            # Part of the batch failed: keep the messages ours, back off, retry what is left.
+            # Part of the batch failed: keep the messages ours, back off, retry what is left. The
+            # broker may have restarted empty meanwhile (records it acknowledged are gone): nothing
+            # is sent again before the loss check decided; on a loss the batch is abandoned
+            # unacked and the re-export from EVT's start covers it.
             attempt += 1
             M_RETRIES.inc()
-            self.reachable = False
-            M_REACHABLE.set(0)
+            self._loss_check_due = True
             for p in pend:
                 with contextlib.suppress(Exception):
                     await p.msg.in_progress()
@@ -353,9 +382,19 @@ class Exporter:
             delay = min(delay * 2, self.opts.retry_backoff_max_ms / 1000)
             if self.stopping.is_set():
                 return
+            while self._loss_check_due and not self.stopping.is_set():
+                lost = await self.loss_check()
+                if lost is None:  # cannot tell yet: the broker does not answer
+                    for p in pend:
+                        with contextlib.suppress(Exception):
+                            await p.msg.in_progress()
+                    await self._sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, self.opts.retry_backoff_max_ms / 1000)
+                elif lost and self.opts.rewind_on_broker_loss:
+                    self._rewind_needed = True
+                    self._oldest_unacked_ms = None
+                    return
         self._oldest_unacked_ms = None
-        if attempt:
-            self._check_loss = True
         M_BATCH_S.observe(time.perf_counter() - t0)
 
     async def run(self) -> None:
@@ -364,13 +403,26 @@ class Exporter:
         if self.nc is None:
             await self.connect_nats()
         self._tasks.append(asyncio.create_task(self._monitor()))
-        await self._ensure_producer()
-        if self.opts.rewind_on_broker_loss and await self._broker_lost_data(startup=True):
-            await self._rewind()
         try:
+            await self._ensure_producer()
+            if self.opts.rewind_on_broker_loss and await self._startup_lost():
+                await self._rewind()
+            else:
+                await self._new_epoch()
             while not self.stopping.is_set():
                 if self._rewind_needed:
                     await self._rewind()
+                    continue
+                if time.monotonic() >= self._next_loss_check:
+                    self._loss_check_due = True
+                if self._loss_check_due:
+                    lost = await self.loss_check()
+                    if lost is None:
+                        await self._sleep(self.opts.retry_backoff_min_ms / 1000)
+                        continue
+                    if lost and self.opts.rewind_on_broker_loss:
+                        self._rewind_needed = True
+                        continue
                 try:
                     msgs = await self.psub.fetch(self.opts.fetch_batch, timeout=1.0)
                 except (NatsTimeout, TimeoutError):
@@ -427,7 +479,7 @@ class Exporter:
             await asyncio.wait_for(c.start(), self.opts.request_timeout_ms / 1000)
             present = await asyncio.wait_for(c.topics(), self.opts.request_timeout_ms / 1000)  # fresh metadata
             tps = []
-            for t in topics(self.opts.topic_prefix):
+            for t in [*topics(self.opts.topic_prefix), epoch_topic(self.opts.topic_prefix)]:
                 if t not in present:
                     continue
                 for part in c.partitions_for_topic(t) or set():
@@ -440,55 +492,121 @@ class Exporter:
             with contextlib.suppress(Exception):
                 await c.stop()
 
-    async def _broker_lost_data(self, *, startup: bool = False) -> bool:
+    async def _startup_lost(self) -> bool:
+        """At start (no epoch of ours yet): the durable consumer already acked messages but every
+        export topic is empty or gone, so the broker lost what this exporter had written."""
+        while not self.stopping.is_set():
+            try:
+                ends = await self.end_offsets()
+                info = await self.js.consumer_info(self.opts.evt_stream, self.opts.durable)
+                break
+            except Exception as exc:
+                self._note_error(exc)
+                await self._sleep(self.opts.retry_backoff_min_ms / 1000)
+        else:
+            return False
+        acked = int(info.ack_floor.stream_seq or 0)
+        data = sum(o for (t, _), o in ends.items() if t != epoch_topic(self.opts.topic_prefix))
+        lost = acked > 0 and data == 0
+        if lost:
+            log.warning("export topics empty but EVT messages were already exported: re-exporting EVT",
+                        extra={"acked_stream_seq": acked})
+        return lost
+
+    async def loss_check(self) -> bool | None:
+        """Does Kafka still hold every record it acknowledged to us? True: data was lost; False:
+        intact (the check is no longer due); None: the broker cannot tell now (still due).
+
+        Called only while nothing of ours is in flight, so the end offsets cannot move under the
+        comparison: our epoch record (the exact signal of a broker that restarted empty) must still
+        be there, and every partition must end past ``acked_mark`` (a partition emptied or
+        truncated). A missing topic or partition counts as lost.
+        """
+        started = time.time()
         try:
             ends = await self.end_offsets()
         except Exception as exc:
             self._note_error(exc)
-            return False
-        if startup:
-            # Nothing in the topics but the consumer already acked messages: the broker was wiped.
+            M_LOSS_CHECKS.labels("undecided").inc()
+            return None
+        etp = (epoch_topic(self.opts.topic_prefix), 0)
+        gone = {k: off for k, off in self.acked_mark.items() if ends.get(k, 0) <= off}
+        if self.epoch_offset is not None and ends.get(etp, 0) <= self.epoch_offset:
+            gone[etp] = self.epoch_offset
+        self.loss_checks += 1
+        self._loss_check_due = False
+        self._next_loss_check = time.monotonic() + self.opts.loss_check_every_s
+        if gone:
+            M_LOSS_CHECKS.labels("lost").inc()
+            detail = {f"{t}/{p}": {"end": ends.get((t, p), 0), "acked": o} for (t, p), o in gone.items()}
+            log.warning("broker lost exported records%s: %s", ": re-exporting EVT from its start"
+                        if self.opts.rewind_on_broker_loss else "", detail, extra={"lost": detail})
+            if not self.opts.rewind_on_broker_loss:
+                # Nothing to do but say it; do not report the same loss again.
+                self.acked_mark = {k: v for k, v in self.acked_mark.items() if k not in gone}
+                if etp in gone:
+                    self.epoch_offset = None
+            return True
+        M_LOSS_CHECKS.labels("intact").inc()
+        self.last_loss_check_at = started
+        return False
+
+    async def _new_epoch(self) -> None:
+        """Write our epoch record (partition 0 of the epoch topic) and remember its offset; the
+        record vanishing is how a broker that restarted empty is recognised."""
+        delay = self.opts.retry_backoff_min_ms / 1000
+        body = _json.encode({"durable": self.opts.durable, "client_id": self.opts.client_id,
+                             "at_ms": int(time.time() * 1000), "rewinds": self.rewinds})
+        while not self.stopping.is_set():
+            producer = await self._ensure_producer()
+            if producer is None:
+                return
+            started = time.time()
             try:
-                info = await self.js.consumer_info(self.opts.evt_stream, self.opts.durable)
-                acked = int(info.ack_floor.stream_seq or 0)
-            except Exception:
-                return False
-            lost = acked > 0 and sum(ends.values()) == 0
-        else:
-            # (Metadata unavailable raised above and judged nothing.) An acked offset at or beyond the
-            # partition's end: those records are gone. A topic that is no longer there at all (absent
-            # from ``ends``) lost everything too.
-            lost = any(ends.get(k, 0) <= off for k, off in self.high.items())
-        if lost:
-            log.warning("broker lost exported records: re-exporting EVT from its start",
-                        extra={"end_offsets": {f"{t}/{p}": o for (t, p), o in ends.items()},
-                               "acked_offsets": {f"{t}/{p}": o for (t, p), o in self.high.items()}})
-        return lost
+                md = await producer.send_and_wait(epoch_topic(self.opts.topic_prefix), body,
+                                                  key=self.opts.durable.encode(), partition=0)
+            except Exception as exc:
+                self._note_error(exc)
+                await self._sleep(delay)
+                delay = min(delay * 2, self.opts.retry_backoff_max_ms / 1000)
+                continue
+            self.epoch_offset = int(md.offset)
+            self._loss_check_due = False
+            self._next_loss_check = time.monotonic() + self.opts.loss_check_every_s
+            self.last_loss_check_at = started
+            return
 
     async def _rewind(self) -> None:
+        """Re-export EVT from its first message: a new durable consumer (the old one and whatever
+        it had delivered and not acked are dropped) and a new epoch on the broker as it is now."""
         self._rewind_needed = False
-        self.high.clear()
+        self.acked_mark.clear()
+        self.epoch_offset = None
         self.rewinds += 1
         M_REWINDS.inc()
         await self._reset_producer()
-        await self._bind(rewind=True)
+        while not self.stopping.is_set():
+            try:
+                await self._bind(rewind=True)
+                break
+            except Exception as exc:
+                self._note_error(exc)
+                await self._sleep(self.opts.retry_backoff_min_ms / 1000)
+        await self._new_epoch()
+        log.warning("re-export of EVT from its start begun", extra={"rewinds": self.rewinds})
 
     async def _monitor(self) -> None:
-        was_down = False
         while not self.stopping.is_set():
             reason = await self.broker_check()
             up = reason is None
             if not up:
                 self._note_error(RuntimeError(reason))
+                # The broker may come back empty: check before producing anything more.
+                self._loss_check_due = True
             if up and not self.reachable:
                 self.reachable_since = time.time()
             self.reachable = up
             M_REACHABLE.set(1 if up else 0)
-            if up and (was_down or self._check_loss) and self.opts.rewind_on_broker_loss and self.high:
-                self._check_loss = False
-                if await self._broker_lost_data():
-                    self._rewind_needed = True
-            was_down = not up
             await self._update_lag()
             await self._sleep(self.opts.monitor_every_s)
 
@@ -509,12 +627,21 @@ class Exporter:
         self.lag_ms = max(0, int(time.time() * 1000) - oldest) if oldest is not None else 0
         M_LAG_MS.set(self.lag_ms)
 
+    def confirmed_since(self, t: float) -> bool:
+        """True once a loss check that started after wall time ``t`` found Kafka intact (or a
+        re-export begun after ``t`` wrote a new epoch), with no re-export or check pending: from
+        then on, a caught-up backlog means everything up to here is in Kafka."""
+        return not self._rewind_needed and not self._loss_check_due and (self.last_loss_check_at or 0.0) > t
+
     def status(self) -> dict[str, Any]:
         return {
             "durable": self.opts.durable, "bootstrap": self.opts.bootstrap,
             "broker_reachable": self.reachable, "produced": self.produced, "produce_errors": self.errors,
             "acked_messages": self.acked_msgs, "backlog_messages": self.backlog, "lag_ms": self.lag_ms,
             "lag_seq": dict(self.lag_seq), "exported_seq": dict(self.exported_seq), "rewinds": self.rewinds,
+            "rewind_pending": self._rewind_needed, "loss_check_due": self._loss_check_due,
+            "loss_checks": self.loss_checks, "last_loss_check_at": self.last_loss_check_at,
+            "epoch_offset": self.epoch_offset,
             "last_error": self.last_error, "topics": topics(self.opts.topic_prefix),
         }
 

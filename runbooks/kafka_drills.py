@@ -17,6 +17,10 @@ exporter notices (end offsets below the offsets Kafka had acknowledged) and re-e
 first message. Nothing missing downstream means: after recovery, every EVT event is in the broker's
 topics again (duplicates allowed and counted; consumers dedupe on ``spotex-event-id``). Success line
 ``runbook_redpanda_broker_bounce_ok=true``.
+
+Both verify only once the exporter is settled: EVT stopped growing, its backlog is 0, and a loss
+check begun after the fault ended confirmed Kafka holds what it acknowledged (``confirmed_since``),
+so a re-export cannot still be pending when the drill reads the topics back.
 """
 
 from __future__ import annotations
@@ -183,20 +187,25 @@ async def _kafka_fault_drill(d: Drill, name: str, fault: str, commands: int, rat
                 b.proxy.heal()
             else:
                 await b.start()
+            healed_at = time.time()
             load_res = await load
             mark("load_done", sent=load_res.sent, acked=len(load_res.acked), errors=load_res.errors)
-            # Caught up: nothing pending for the exporter and EVT stopped growing (the core drained CMD).
+            # Caught up: EVT stopped growing (the core drained CMD), nothing pending for the exporter,
+            # and a loss check begun after the fault ended found Kafka holding what it acknowledged
+            # (else the re-export it triggered must have finished first): only then verify.
             deadline = time.monotonic() + 180
             last_evt, stable = -1, 0
             while time.monotonic() < deadline:
                 info = await js.stream_info(evt_stream)
+                confirmed = exp.confirmed_since(healed_at)
                 backlog = await _consumer_backlog(js, evt_stream, durable)
                 stable = stable + 1 if info.state.last_seq == last_evt else 0
                 last_evt = info.state.last_seq
-                if backlog == 0 and stable >= 4 and exp.reachable:
+                if backlog == 0 and stable >= 4 and exp.reachable and confirmed:
                     break
                 await asyncio.sleep(0.5)
-            mark("drained", backlog=await _consumer_backlog(js, evt_stream, durable), rewinds=exp.rewinds)
+            mark("drained", backlog=await _consumer_backlog(js, evt_stream, durable), rewinds=exp.rewinds,
+                 confirmed=exp.confirmed_since(healed_at), loss_checks=exp.loss_checks)
             verify_rep = await verify(ep.nats_url, b.bootstrap, prefix, evt_stream)
             mark("verified", missing=verify_rep["missing"], duplicates=verify_rep["duplicates"])
             exp.stopping.set()
@@ -246,6 +255,7 @@ async def _kafka_fault_drill(d: Drill, name: str, fault: str, commands: int, rat
     d.emit("export_missing", verify_rep.get("missing"))
     d.emit("export_duplicates", verify_rep.get("duplicates"))
     d.emit("exporter_rewinds", exp.rewinds if exp is not None else 0)
+    d.emit("exporter_loss_checks", exp.loss_checks if exp is not None else 0)
     d.emit("recommended_action", action)
     d.emit(f"runbook_{key}_ok", ok)
     allow = os.environ.get(f"RUNBOOK_ALLOW_{'NETWORK_PARTITION' if fault == 'partition' else 'REDPANDA_BOUNCE'}_FAIL")
