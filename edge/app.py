@@ -53,7 +53,7 @@ from edge.core_client import CoreClient
 from edge.errors import PROBLEM_CONTENT_TYPE, SpotexError, to_binance, to_problem
 from edge.idempotency import IdempotencyStore, StoredResponse, fingerprint, validate_key
 from edge.idempotency import run as idem_run
-from edge.ratelimit import RATELIMIT_DROPS, EdgeRateLimiter
+from edge.ratelimit import EdgeRateLimiter
 from spotex.config import Config, market_configs
 
 __all__ = ["EdgeState", "create_app", "edge_state", "json_response", "problem_stored"]
@@ -124,14 +124,10 @@ class EdgeState:
                                            signature=h.get("x-signature"), method=request.method,
                                            path_with_query=pwq, body=body, required_scope=scope)
         except SpotexError:
-            d = self.limiter.check(ip=ip)
-            if not d.allowed:
-                RATELIMIT_DROPS.labels("ip").inc()
-            d.raise_if_denied()
+            # Unknown keys and failed auth pay the IP's bucket (the limiter counts the drop).
+            self.limiter.check(ip=ip).raise_if_denied()
             raise
         d = self.limiter.check(ip=ip, api_key=p.api_key)
-        if not d.allowed:
-            RATELIMIT_DROPS.labels("key").inc()
         d.raise_if_denied()
         _set_rl(request, d.headers())
         return p
@@ -159,8 +155,6 @@ class EdgeState:
         """Charge an unauthenticated request to its IP's bucket."""
         assert self.limiter is not None
         d = self.limiter.check(ip=self.client_ip(request), cost=cost)
-        if not d.allowed:
-            RATELIMIT_DROPS.labels("ip").inc()
         d.raise_if_denied()
         _set_rl(request, d.headers())
 
@@ -415,7 +409,8 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
     ws_mod: Any = _optional_module("edge.ws")
     if md_mod is not None:
         try:
-            state.md = md_mod.MarketData(mkts)
+            snap = data_dir / "edge" / "md-projections.snap" if data_dir else None
+            state.md = md_mod.MarketData(mkts, snapshot_path=snap)
         except Exception:
             log.exception("market data unavailable")
             state.md = None

@@ -23,9 +23,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import logging
+import os
+import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -39,8 +43,13 @@ from core.wire import (
     Event,
     MarketAdded,
     MarketConfig,
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderType,
     Side,
     SymbolModeChanged,
+    TimeInForce,
     TradeExecuted,
     decode_events,
 )
@@ -55,6 +64,8 @@ __all__ = [
     "Formatter",
     "MarketData",
     "MarketUpdate",
+    "OpenOrder",
+    "ProjectionSnapshot",
     "TickerRow",
     "TradeRow",
     "marketdata_routes",
@@ -72,6 +83,12 @@ MD_EVENTS = Counter("md_events_applied_total", "Events applied to the market-dat
 MD_GAPS = Counter("md_stream_gaps_total", "EVT messages whose first seq skipped ahead of the projection")
 MD_ERRORS = Counter("md_apply_errors_total", "EVT messages the projections failed to apply")
 MD_SEQ = Gauge("md_applied_seq", "Last stream seq applied to the market-data projections", ["symbol"])
+MD_SNAPSHOTS = Counter("md_snapshots_written_total", "Projection snapshots written")
+MD_SNAPSHOT_SECONDS = Gauge("md_snapshot_encode_seconds", "Event-loop time the last projection snapshot took")
+MD_REPLAYED = Gauge("md_replayed_messages", "EVT messages replayed at the last start (after the snapshot, if any)")
+
+SNAPSHOT_MAGIC = b"SPXMD1\n"
+SNAPSHOT_VERSION = 1
 
 
 class BookSnapshot(msgspec.Struct, frozen=True):
@@ -117,6 +134,51 @@ class TickerRow(msgspec.Struct, frozen=True):
     best_bid: int | None
     best_ask: int | None
     ts_ms: int
+
+
+class OpenOrder(msgspec.Struct, kw_only=True):
+    """A resting order of an account as the EVT stream shows it (only LIMIT GTC orders rest: IOC, FOK
+    and MARKET orders end within their own command's events, so they are never tracked)."""
+
+    symbol: str
+    order_id: int
+    account_id: int
+    client_order_id: str
+    side: str
+    price_ticks: int
+    qty_lots: int  # total (after amends)
+    remaining_lots: int
+    seq: int  # engine seq of the last event that changed it
+    ts_ms: int
+
+
+class _MarketState(msgspec.Struct, kw_only=True):
+    cfg: MarketConfig
+    seq: int
+    book_seq: int
+    ts_ms: int
+    mode: str
+    checksum: int
+    bids: list[tuple[int, int]]
+    asks: list[tuple[int, int]]
+    trades: list[TradeRow]
+    candles: dict[str, list[CandleRow]]
+    current: dict[str, int | None]  # interval -> open_ms of the candle still in progress
+
+
+class ProjectionSnapshot(msgspec.Struct, kw_only=True):
+    """Every projection plus the EVT position it reflects (``evt_seq``: JetStream stream sequence of
+    the last applied message). A restart loads it and replays EVT from ``evt_seq + 1`` only."""
+
+    version: int
+    evt_stream: str
+    evt_created: str  # the stream's creation time: a recreated EVT (new history) invalidates the snapshot
+    evt_seq: int
+    taken_at_ms: int
+    stream_seq: dict[str, int]
+    markets: list[_MarketState]
+    balances: dict[int, dict[str, list[int]]]
+    open_orders: list[OpenOrder]
 
 
 class Formatter:
@@ -261,8 +323,19 @@ class _Market:
 class MarketData:
     """The projections. Not thread-safe: everything runs on the edge's event loop."""
 
-    def __init__(self, markets: list[MarketConfig]) -> None:
+    def __init__(self, markets: list[MarketConfig], *, snapshot_path: str | os.PathLike[str] | None = None,
+                 snapshot_every_s: float = 30.0) -> None:
         self._markets: dict[str, _Market] = {m.symbol: _Market(m) for m in markets}
+        self.open_orders: dict[int, dict[tuple[str, int], OpenOrder]] = {}  # account -> (symbol, id) -> order
+        self.snapshot_path = Path(snapshot_path) if snapshot_path is not None else None
+        self.snapshot_every_s = snapshot_every_s
+        self.restored_evt_seq = 0  # EVT position of the snapshot loaded at start (0 = full replay)
+        self.replayed_messages = 0  # EVT messages applied to catch up at start
+        self.snapshots_written = 0
+        self._evt_stream = "EVT"
+        self._evt_created = ""
+        self._snap_task: asyncio.Task[None] | None = None
+        self._snap_applied = -1
         self.listeners: list[Callable[[MarketUpdate], None]] = []
         self.tracked_depths: set[int] = set(BOOK_DEPTHS)
         self.balances: dict[int, dict[str, list[int]]] = {}  # account -> asset -> [available, hold]
@@ -276,29 +349,71 @@ class MarketData:
         self._js: Any = None
         self._caught_up_at = 0
         self._last_stream_seq = 0
+        self._start_applied = 0
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, nc: Any, js: Any, evt_stream: str = "EVT") -> None:
-        """Replay EVT from its first message, then follow it live. Returns once the history present
+        """Load the projection snapshot (when configured and valid), replay EVT from the position it
+        reflects (else from the first message), then follow it live. Returns once the history present
         at the call has been applied (``ready`` is set then)."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
         self._js = js
+        self._evt_stream = evt_stream
+        first = last = 0
         try:
             info = await js.stream_info(evt_stream)
-            self._caught_up_at = int(info.state.last_seq)
+            first, last = int(info.state.first_seq), int(info.state.last_seq)
+            self._evt_created = str(info.created or "")
         except Exception:  # no stream yet: nothing to replay
-            self._caught_up_at = 0
-        if self._caught_up_at == 0:
+            pass
+        self._caught_up_at = last
+        start_at = 0
+        if self.snapshot_path is not None:
+            snap = self._read_snapshot(self.snapshot_path)
+            if (snap is not None and snap.evt_stream == evt_stream and snap.evt_created == self._evt_created
+                    and snap.evt_seq <= last):
+                self.restore(snap)
+                start_at = snap.evt_seq
+                if first > start_at + 1:
+                    self.gaps += 1
+                    MD_GAPS.inc()
+                    log.warning("market data: EVT starts at %d, the snapshot is at %d: events in between are lost",
+                                first, start_at)
+            elif snap is not None:
+                log.warning("market data: snapshot at EVT %s:%d (created %s) does not fit EVT %s (last %d, "
+                            "created %s): full replay", snap.evt_stream, snap.evt_seq, snap.evt_created, evt_stream,
+                            last, self._evt_created)
+        self._start_applied = self.applied_messages
+        if last <= start_at:
             self.ready.set()
+            self.replayed_messages = 0
+            MD_REPLAYED.set(0)
+        config = None
+        if start_at:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_at + 1)
         self._sub = await js.subscribe(f"{EVT_PREFIX}.>", cb=self._on_msg, ordered_consumer=True,
-                                       stream=evt_stream)
+                                       stream=evt_stream, config=config)
         await self.ready.wait()
+        if self.snapshot_path is not None and self.snapshot_every_s > 0:
+            self._snap_task = asyncio.create_task(self._snapshot_loop(), name="md-snapshot")
 
-    async def stop(self) -> None:
+    async def stop(self, *, save: bool = True) -> None:
+        """Stop following EVT; with a snapshot path (and ``save``), write a final snapshot."""
+        if self._snap_task is not None:
+            self._snap_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._snap_task
+            self._snap_task = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        if save and self.snapshot_path is not None and self.ready.is_set():
+            # A clean stop leaves a snapshot of exactly where it stopped: the next start replays nothing.
+            with contextlib.suppress(Exception):
+                await self.save_snapshot()
 
     async def _on_msg(self, msg: Any) -> None:
         try:
@@ -315,7 +430,114 @@ class MarketData:
             sseq = self._last_stream_seq + 1
         self._last_stream_seq = sseq
         if not self.ready.is_set() and sseq >= self._caught_up_at:
+            self.replayed_messages = self.applied_messages - self._start_applied
+            MD_REPLAYED.set(self.replayed_messages)
             self.ready.set()
+
+    # ---- snapshots ------------------------------------------------------------------------------
+
+    def snapshot(self) -> ProjectionSnapshot:
+        """The projections as they are now, with the EVT position they reflect."""
+        mkts = []
+        for m in self._markets.values():
+            b = m.book
+            mkts.append(_MarketState(
+                cfg=m.cfg, seq=m.seq, book_seq=m.book_seq, ts_ms=m.ts_ms, mode=m.mode, checksum=m.checksum,
+                bids=[(p, b.bids[p]) for p in b.bid_px], asks=[(p, b.asks[p]) for p in b.ask_px],
+                trades=list(m.trades), candles={k: [c.row() for c in v.values()] for k, v in m.candles.items()},
+                current={k: (c.open_ms if c is not None else None) for k, c in m.current.items()}))
+        return ProjectionSnapshot(
+            version=SNAPSHOT_VERSION, evt_stream=self._evt_stream, evt_created=self._evt_created,
+            evt_seq=self._last_stream_seq,
+            taken_at_ms=time.time_ns() // 1_000_000, stream_seq=dict(self.stream_seq), markets=mkts,
+            balances=self.balances, open_orders=[o for acct in self.open_orders.values() for o in acct.values()])
+
+    def restore(self, snap: ProjectionSnapshot) -> None:
+        """Replace every projection with the snapshot's state."""
+        self._markets = {}
+        for st in snap.markets:
+            m = _Market(st.cfg)
+            m.seq, m.book_seq, m.ts_ms, m.mode, m.checksum = st.seq, st.book_seq, st.ts_ms, st.mode, st.checksum
+            b = m.book
+            b.bids = dict(st.bids)
+            b.asks = dict(st.asks)
+            b.bid_px = [p for p, _ in st.bids]
+            b.ask_px = [p for p, _ in st.asks]
+            m.trades.extend(st.trades)
+            for name, rows in st.candles.items():
+                iv = INTERVALS[name]
+                book: dict[int, _Candle] = {}
+                for r in rows:
+                    c = _Candle(r.open_ms, iv, r.open)
+                    c.h, c.l, c.c, c.vol, c.qvol, c.n, c.final = (r.high, r.low, r.close, r.volume_lots,
+                                                                   r.quote_volume, r.trades, r.is_final)
+                    book[r.open_ms] = c
+                m.candles[name] = book
+                cur = st.current.get(name)
+                m.current[name] = book.get(cur) if cur is not None else None
+            self._markets[st.cfg.symbol] = m
+            MD_SEQ.labels(st.cfg.symbol).set(m.seq)
+        self.stream_seq = dict(snap.stream_seq)
+        self.balances = {a: {k: list(v) for k, v in assets.items()} for a, assets in snap.balances.items()}
+        self.open_orders = {}
+        for o in snap.open_orders:
+            self.open_orders.setdefault(o.account_id, {})[(o.symbol, o.order_id)] = o
+        self._last_stream_seq = snap.evt_seq
+        self.restored_evt_seq = snap.evt_seq
+
+    @staticmethod
+    def encode_snapshot(snap: ProjectionSnapshot) -> bytes:
+        """``SPXMD1\\n`` + sha256(body) + body (msgpack): a torn or altered file is refused on load."""
+        body = msgspec.msgpack.encode(snap)
+        return SNAPSHOT_MAGIC + hashlib.sha256(body).digest() + body
+
+    @staticmethod
+    def decode_snapshot(data: bytes) -> ProjectionSnapshot:
+        n = len(SNAPSHOT_MAGIC)
+        if data[:n] != SNAPSHOT_MAGIC:
+            raise ValueError("not a projection snapshot")
+        digest, body = data[n:n + 32], data[n + 32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise ValueError("projection snapshot checksum mismatch")
+        snap = msgspec.msgpack.decode(body, type=ProjectionSnapshot)
+        if snap.version != SNAPSHOT_VERSION:
+            raise ValueError(f"projection snapshot version {snap.version}, expected {SNAPSHOT_VERSION}")
+        return snap
+
+    def _read_snapshot(self, path: Path) -> ProjectionSnapshot | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return self.decode_snapshot(data)
+        except Exception as exc:
+            log.warning("market data: ignoring projection snapshot %s (%s): full replay", path, exc)
+            return None
+
+    async def save_snapshot(self, path: Path | None = None) -> Path:
+        """Encode on the loop (the state must not move under it), write + fsync + rename in a thread."""
+        target = path or self.snapshot_path
+        if target is None:
+            raise ValueError("no snapshot path configured")
+        t0 = time.perf_counter()
+        data = self.encode_snapshot(self.snapshot())
+        MD_SNAPSHOT_SECONDS.set(time.perf_counter() - t0)
+        self._snap_applied = self.applied_messages
+        await asyncio.to_thread(_write_atomic, target, data)
+        self.snapshots_written += 1
+        MD_SNAPSHOTS.inc()
+        return target
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.snapshot_every_s)
+            if self.applied_messages == self._snap_applied:
+                continue
+            try:
+                await self.save_snapshot()
+            except Exception:
+                log.exception("market data: projection snapshot failed")
 
     # ---- applying events ------------------------------------------------------------------------
 
@@ -338,7 +560,7 @@ class MarketData:
         self.applied_messages += 1
         MD_EVENTS.inc(len(events))
         upd = MarketUpdate(stream, events[-1].seq, events[-1].occurred_at, events)
-        self._apply_balances(events)
+        self._apply_accounts(events)
         m = self._markets.get(stream)
         if m is None:
             for e in events:
@@ -355,20 +577,52 @@ class MarketData:
                 log.exception("market data listener failed")
         return upd
 
-    def _apply_balances(self, events: list[Event]) -> None:
+    def _apply_accounts(self, events: list[Event]) -> None:
         bal = self.balances
         for e in events:
             moves = getattr(e, "moves", None)
-            if not moves:
-                continue
-            for mv in moves:
-                acct = bal.get(mv.account_id)
-                if acct is None:
-                    acct = bal[mv.account_id] = {}
-                row = acct.get(mv.asset)
-                if row is None:
-                    row = acct[mv.asset] = [0, 0]
-                row[0 if mv.bucket == "available" else 1] += mv.delta
+            if moves:
+                for mv in moves:
+                    acct = bal.get(mv.account_id)
+                    if acct is None:
+                        acct = bal[mv.account_id] = {}
+                    row = acct.get(mv.asset)
+                    if row is None:
+                        row = acct[mv.asset] = [0, 0]
+                    row[0 if mv.bucket == "available" else 1] += mv.delta
+            if isinstance(e, TradeExecuted):
+                self._order_left(e.taker_account_id, e.symbol, e.taker_order_id, e.taker_remaining_lots, e)
+                self._order_left(e.maker_account_id, e.symbol, e.maker_order_id, e.maker_remaining_lots, e)
+            elif isinstance(e, OrderAccepted):
+                if (e.type is OrderType.LIMIT and e.tif is TimeInForce.GTC and e.price_ticks is not None
+                        and e.qty_lots):
+                    self.open_orders.setdefault(e.account_id, {})[(e.symbol, e.order_id)] = OpenOrder(
+                        symbol=e.symbol, order_id=e.order_id, account_id=e.account_id,
+                        client_order_id=e.client_order_id, side=str(e.side), price_ticks=e.price_ticks,
+                        qty_lots=e.qty_lots, remaining_lots=e.qty_lots, seq=e.seq, ts_ms=e.occurred_at)
+            elif isinstance(e, OrderCanceled):
+                self._order_left(e.account_id, e.symbol, e.order_id, 0, e)
+            elif isinstance(e, OrderAmended):
+                o = self.open_orders.get(e.account_id, {}).get((e.symbol, e.order_id))
+                if o is not None:
+                    o.price_ticks, o.qty_lots, o.remaining_lots = e.price_ticks, e.qty_lots, e.remaining_qty_lots
+                    o.seq, o.ts_ms = e.seq, e.occurred_at
+                    if o.remaining_lots <= 0:
+                        self._order_left(e.account_id, e.symbol, e.order_id, 0, e)
+
+    def _order_left(self, account_id: int, symbol: str, order_id: int, remaining: int, e: Event) -> None:
+        orders = self.open_orders.get(account_id)
+        if orders is None:
+            return
+        o = orders.get((symbol, order_id))
+        if o is None:
+            return
+        if remaining > 0:
+            o.remaining_lots, o.seq, o.ts_ms = remaining, e.seq, e.occurred_at
+            return
+        del orders[(symbol, order_id)]
+        if not orders:
+            del self.open_orders[account_id]
 
     def _apply_market(self, m: _Market, events: list[Event], upd: MarketUpdate) -> None:
         book = m.book
@@ -507,6 +761,26 @@ class MarketData:
     def balances_of(self, account_id: int) -> dict[str, tuple[int, int]]:
         return {a: (v[0], v[1]) for a, v in self.balances.get(account_id, {}).items()}
 
+    def open_orders_of(self, account_id: int) -> list[OpenOrder]:
+        """Resting orders of the account, by symbol then order id."""
+        return sorted(self.open_orders.get(account_id, {}).values(), key=lambda o: (o.symbol, o.order_id))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
 
 # ---- JSON shapes (decimal strings) ---------------------------------------------------------------
 
@@ -565,8 +839,11 @@ def _int(value: str | None, name: str, default: int) -> int:
 def marketdata_routes(md: MarketData) -> list[Any]:
     """GET /v1/markets/{symbol}/orderbook|trades|candles|ticker. Errors are problem+json responses
     (returned, not raised, so they do not depend on the app's exception handlers)."""
+    from edge.orders import _problem_responses  # here, not at the top: edge.orders imports edge.app
 
-    @get("/v1/markets/{symbol:str}/orderbook", sync_to_thread=False)
+    errors = _problem_responses(400, 404)  # documented in the OpenAPI document (schemathesis checks it)
+
+    @get("/v1/markets/{symbol:str}/orderbook", sync_to_thread=False, responses=errors)
     def orderbook(symbol: FromPath[str], depth: FromQuery[str | None] = None) -> Response[Any]:
         path = f"/v1/markets/{symbol}/orderbook"
         if not md.has(symbol):
@@ -579,7 +856,7 @@ def marketdata_routes(md: MarketData) -> list[Any]:
             return _invalid(f"depth must be one of {list(BOOK_DEPTHS)}", path)
         return Response(book_json(md, md.book(symbol, d)))
 
-    @get("/v1/markets/{symbol:str}/trades", sync_to_thread=False)
+    @get("/v1/markets/{symbol:str}/trades", sync_to_thread=False, responses=errors)
     def trades(symbol: FromPath[str], limit: FromQuery[str | None] = None) -> Response[Any]:
         path = f"/v1/markets/{symbol}/trades"
         if not md.has(symbol):
@@ -594,7 +871,7 @@ def marketdata_routes(md: MarketData) -> list[Any]:
         return Response({"symbol": symbol, "seq": md.seq(symbol),
                          "trades": [trade_json(f, t) for t in md.trades(symbol, n)]})
 
-    @get("/v1/markets/{symbol:str}/candles", sync_to_thread=False)
+    @get("/v1/markets/{symbol:str}/candles", sync_to_thread=False, responses=errors)
     def candles(symbol: FromPath[str], interval: FromQuery[str | None] = None, limit: FromQuery[str | None] = None,
                 start: Annotated[str | None, QueryParameter(name="startTime")] = None,
                 end: Annotated[str | None, QueryParameter(name="endTime")] = None) -> Response[Any]:
@@ -617,7 +894,7 @@ def marketdata_routes(md: MarketData) -> list[Any]:
         return Response({"symbol": symbol, "interval": interval, "seq": md.seq(symbol),
                          "candles": [candle_json(f, c) for c in rows]})
 
-    @get("/v1/markets/{symbol:str}/ticker", sync_to_thread=False)
+    @get("/v1/markets/{symbol:str}/ticker", sync_to_thread=False, responses=errors)
     def ticker(symbol: FromPath[str]) -> Response[Any]:
         path = f"/v1/markets/{symbol}/ticker"
         if not md.has(symbol):

@@ -55,6 +55,7 @@ from edge.marketdata import (
     INTERVALS,
     MarketData,
     MarketUpdate,
+    OpenOrder,
     TradeRow,
     book_json,
     candle_json,
@@ -313,6 +314,19 @@ class WsHub:
         return [ws_endpoint]
 
     async def start(self) -> None:
+        # The projections may have been restored from a snapshot after this hub was built: channels
+        # nobody has used yet take the projection's current seqs.
+        for ch in self.channels.values():
+            name, sym, param = ch.key
+            if ch.ring or ch.subs or name in PRIVATE_CHANNELS or not self.md.has(sym):
+                continue
+            if name == "trades":
+                tr = self.md.trades(sym, 1)
+                ch.last_seq = tr[0].seq if tr else 0
+            elif name == "book":
+                snap = self.md.book(sym, param)
+                ch.last_seq = snap.seq
+                ch.view_bids, ch.view_asks = {p for p, _ in snap.bids}, {p for p, _ in snap.asks}
         self._running = True
         self._tasks = [asyncio.create_task(self._flush_loop(), name="ws-flush"),
                        asyncio.create_task(self._heartbeat_loop(), name="ws-heartbeat")]
@@ -602,6 +616,16 @@ class WsHub:
             if not isinstance(last, int) or isinstance(last, bool) or last < 0:
                 self._error(conn, "BAD_REQUEST", "RESUME needs an integer lastSeq >= 0", op)
                 return
+            if key[0] in PRIVATE_CHANNELS:
+                # No replay buffer for account channels: their Snapshot is the full state, always sent.
+                if last != ch.last_seq:
+                    self._write_now(conn, [_payload("Missed", key[0], None, ch.last_seq, last, _now_ms(),
+                                                    {"reason": "HISTORY_GAP", "lastSeq": last,
+                                                     "oldestSeq": ch.last_seq})])
+                    self.stats["resume_gaps"] += 1
+                    WS_RESUME_GAPS.inc()
+                self._write_now(conn, [self._snapshot(ch)])
+                return
             if ch.covers(last):
                 self._write_now(conn, [p for s, _prev, p in ch.ring if s > last])
                 return
@@ -673,10 +697,23 @@ class WsHub:
             return _payload("Snapshot", "candles", sym, ch.last_seq, None, _now_ms(),
                             {"interval": param, "candles": [candle_json(f, c) for c in md.candles(sym, param, 10)]})
         if name == "balances":
-            return _payload("Snapshot", "balances", None, None, None, _now_ms(),
+            return _payload("Snapshot", "balances", None, ch.last_seq, None, _now_ms(),
                             {"balances": [{"asset": a, "available": v[0], "hold": v[1]}
                                           for a, v in sorted(md.balances_of(sym).items())]})
+        if name == "orders":
+            return _payload("Snapshot", "orders", None, ch.last_seq, None, _now_ms(),
+                            {"orders": [self._open_order_json(o) for o in md.open_orders_of(sym)],
+                             "engineSeqs": {s: md.seq(s) for s in md.symbols()}})
         return _payload("Snapshot", name, None, ch.last_seq, None, _now_ms(), {})
+
+    @staticmethod
+    def _open_order_json(o: OpenOrder) -> dict[str, Any]:
+        """The orders channel speaks the wire's integer fields (ticks, lots), like its update frames."""
+        filled = o.qty_lots - o.remaining_lots
+        return {"order_id": o.order_id, "account_id": o.account_id, "client_order_id": o.client_order_id,
+                "symbol": o.symbol, "side": o.side, "type": "LIMIT", "tif": "GTC", "price_ticks": o.price_ticks,
+                "qty_lots": o.qty_lots, "filled_qty_lots": filled, "remaining_qty_lots": o.remaining_lots,
+                "status": "PARTIALLY_FILLED" if filled else "ACCEPTED", "engineSeq": o.seq, "ts": o.ts_ms}
 
     # ---- updates from the projections -----------------------------------------------------------
 
@@ -765,6 +802,14 @@ class WsHub:
                                        data))
         self.dirty_channels.add(ch)
 
+    @staticmethod
+    def _push_private(ch: _Channel, type_: str, symbol: str | None, ts: int, data: Any) -> None:
+        """Private channels carry events of several markets (each with its own engine seq), so their
+        ``seq`` is the channel's own frame counter: ``prevSeq`` is always ``seq - 1`` and the Snapshot
+        carries the current counter, so a client sees any gap. The engine seq is ``data.engineSeq``."""
+        seq = ch.last_seq + 1
+        ch.push(seq, _payload(type_, ch.key[0], symbol, seq, ch.last_seq, ts, data), keep=False)
+
     def _private(self, upd: MarketUpdate) -> None:
         chans = self.channels
         touched: dict[int, set[str]] = {}
@@ -779,29 +824,38 @@ class WsHub:
                 if ch is not None:
                     data = msgspec.to_builtins(e)
                     data.pop("moves", None)
-                    ch.push(e.seq, _payload(type(e).__name__, "orders", e.symbol, e.seq, None, e.occurred_at, data),
-                            keep=False)
+                    data["engineSeq"] = e.seq
+                    self._push_private(ch, type(e).__name__, e.symbol, e.occurred_at, data)
                     self.dirty_channels.add(ch)
             elif isinstance(e, TradeExecuted):
-                for acct, role in ((e.taker_account_id, "TAKER"), (e.maker_account_id, "MAKER")):
+                for acct, role, oid, rem in ((e.taker_account_id, "TAKER", e.taker_order_id, e.taker_remaining_lots),
+                                             (e.maker_account_id, "MAKER", e.maker_order_id, e.maker_remaining_lots)):
+                    och = chans.get(("orders", acct, None))
+                    if och is not None:
+                        self._push_private(och, "OrderFilled", e.symbol, e.occurred_at,
+                                           {"order_id": oid, "account_id": acct, "symbol": e.symbol,
+                                            "trade_id": e.trade_id, "role": role, "price_ticks": e.price_ticks,
+                                            "qty_lots": e.qty_lots, "remaining_qty_lots": rem,
+                                            "status": "PARTIALLY_FILLED" if rem else "FILLED", "engineSeq": e.seq})
+                        self.dirty_channels.add(och)
                     ch = chans.get(("fills", acct, None))
                     if ch is not None:
                         f = self.md.formatter(e.symbol)
                         row = TradeRow(e.trade_id, e.seq, e.price_ticks, e.qty_lots, e.quote_amount,
                                        str(e.taker_side), e.occurred_at)
-                        data = {**trade_json(f, row), "role": role,
+                        data = {**trade_json(f, row), "role": role, "engineSeq": e.seq,
                                 "orderId": e.taker_order_id if role == "TAKER" else e.maker_order_id,
                                 "fee": str(e.taker_fee if role == "TAKER" else e.maker_fee),
                                 "feeAsset": e.taker_fee_asset if role == "TAKER" else e.maker_fee_asset}
-                        ch.push(e.seq, _payload("TradeExecuted", "fills", e.symbol, e.seq, None, e.occurred_at, data),
-                                keep=False)
+                        self._push_private(ch, "TradeExecuted", e.symbol, e.occurred_at, data)
                         self.dirty_channels.add(ch)
         for acct, assets in touched.items():
             ch = chans[("balances", acct, None)]
             bal = self.md.balances_of(acct)
-            ch.push(upd.seq, _payload("BalanceUpdated", "balances", None, None, None, upd.ts_ms,
-                                      {"balances": [{"asset": a, "available": bal[a][0], "hold": bal[a][1]}
-                                                    for a in sorted(assets) if a in bal]}), keep=False)
+            self._push_private(ch, "BalanceUpdated", None, upd.ts_ms,
+                               {"engineSeq": upd.seq, "symbol": upd.symbol,
+                                "balances": [{"asset": a, "available": bal[a][0], "hold": bal[a][1]}
+                                             for a in sorted(assets) if a in bal]})
             self.dirty_channels.add(ch)
 
     # ---- flushing -------------------------------------------------------------------------------

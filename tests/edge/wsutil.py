@@ -94,6 +94,7 @@ class CoreStack:
         self.md: MarketData | None = None
         self.hub: WsHub | None = None
         self.edge: LocalEdge | None = None
+        self.snapshot_path: Path | None = None  # projection snapshots (saved explicitly by the tests)
 
     async def __aenter__(self) -> CoreStack:
         self.nc = await nats.connect(self.url)
@@ -120,15 +121,16 @@ class CoreStack:
             await asyncio.sleep(0.02)
 
     async def start_edge(self) -> None:
-        self.md = MarketData(sim_markets())
+        self.md = MarketData(sim_markets(), snapshot_path=self.snapshot_path, snapshot_every_s=0)
         await self.md.start(self.nc, self.js)
         self.hub = WsHub(self.md, WsLimits(**self.limits), None)
         self.edge = await LocalEdge(self.md, self.hub).start()
 
-    async def stop_edge(self) -> None:
+    async def stop_edge(self, *, save: bool = True) -> None:
+        """``save=False``: as if the edge died, no final projection snapshot."""
         assert self.edge is not None and self.md is not None
         await self.edge.stop()
-        await self.md.stop()
+        await self.md.stop(save=save)
 
     async def __aexit__(self, *exc: object) -> None:
         with contextlib.suppress(Exception):
