@@ -1,10 +1,14 @@
 """A core node: the sequencer + engine behind JetStream, as leader or warm standby.
 
-Leader pipeline, one batch at a time (group commit on every hop):
+Leader pipeline (group commit on every hop):
 
     fetch CMD batch -> sequence (seq, ts, fencing token) -> engine.apply -> journal to SEQ
     (fenced) -> WAL append + fdatasync -> events to EVT, one message per stream per batch
     (fenced) -> ack the CMD batch
+
+Three stages overlap (``_consume``): a fetcher pulls the next CMD batches while the sequencer
+journals and commits batch k+1 and the publisher puts batch k's events on EVT and acks it. Events
+still go out strictly in order, and a snapshot waits for the pipeline to drain.
 
 - The SEQ stream is the replicated copy of the command log: a standby tails it and applies the
   same commands to its own engine, so its state hash must equal the leader's at every
@@ -90,6 +94,19 @@ M_CHECKPOINTS = Counter("core_checkpoints_total", "EngineCheckpoint events")
 M_STANDBY_LAG = Gauge("core_standby_lag_commands", "Commands the standby is behind the journal")
 
 
+_PREFETCH = 4  # CMD batches the fetcher may hold ahead of the sequencer
+
+
+class _Staged:
+    """A batch that is journaled and in the WAL, with its events still to publish."""
+
+    __slots__ = ("events", "t0")
+
+    def __init__(self, events: list[Event], t0: float) -> None:
+        self.events = events
+        self.t0 = t0
+
+
 class FencingError(Exception):
     """Another node has extended a subject this node was writing to: this node is stale."""
 
@@ -107,6 +124,7 @@ class CoreOptions(msgspec.Struct, frozen=True, kw_only=True):
     fetch_batch: int = 256
     ack_wait_s: float = 5.0
     duplicate_window_s: int = 120
+    cmd_persist: str = "async"
     markets: list[MarketConfig] = []
     query_subject: str = "core.query"
     wal_fsync: bool = True
@@ -333,7 +351,7 @@ class CoreNode:
         self.js = self.nc.jetstream()
         await ensure_streams(self.js, cmd_stream=self.opts.cmd_stream, evt_stream=self.opts.evt_stream,
                              duplicate_window_s=self.opts.duplicate_window_s,
-                             lease_ttl_s=self.opts.lease_ttl_ms / 1000)
+                             lease_ttl_s=self.opts.lease_ttl_ms / 1000, cmd_persist=self.opts.cmd_persist)
         bus = NatsBus(self.js, self.opts.evt_stream)
         await bus.ensure(self.opts.duplicate_window_s)
         self.bus = bus
@@ -501,6 +519,16 @@ class CoreNode:
                                 for m in missing])
 
     async def _consume(self) -> None:
+        """Two overlapping stages plus a prefetcher, so no hop waits for another batch's round trip:
+
+        - a fetcher keeps pulling CMD batches into a small queue (at most ``_PREFETCH`` batches ahead);
+        - stage 1 takes everything queued (up to ``fetch_batch`` commands), sequences and applies it,
+          journals it to SEQ and commits the WAL;
+        - stage 2 publishes that batch's events to EVT and then acks its CMD messages, while stage 1
+          already works on the next batch. Stage 2 runs one batch at a time in order, so EVT order and
+          fencing are those of the sequential loop; a journaled batch whose events are not yet on EVT
+          is exactly the state a crash can leave, which a new leader already repairs (republish).
+        """
         from nats.js.api import AckPolicy, ConsumerConfig
 
         # Explicit acks, not AckAll: after a failover the new leader's ack of a later message must not
@@ -508,26 +536,62 @@ class CoreNode:
         cfg = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.opts.ack_wait_s,
                              max_ack_pending=20_000, max_deliver=-1)
         psub = await self.js.pull_subscribe(">", durable="core", stream=self.opts.cmd_stream, config=cfg)
+        queue: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=_PREFETCH)
         depth_task = asyncio.create_task(self._poll_depth(psub))
+        fetch_task = asyncio.create_task(self._fetch_loop(psub, queue))
+        publishing: asyncio.Task[None] | None = None
         try:
             while not self.stopping.is_set():
+                if fetch_task.done():
+                    fetch_task.result()  # a fetcher that died raises here
+                    break
                 try:
-                    msgs = await psub.fetch(self.opts.fetch_batch, timeout=0.05)
+                    msgs = await asyncio.wait_for(queue.get(), 0.1)
                 except TimeoutError:
                     continue
-                except Exception as exc:
-                    if self.stopping.is_set():
-                        break
-                    log.warning("fetch failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-                    await asyncio.sleep(0.1)
-                    continue
-                if not msgs:
-                    continue
-                await self.process(self.decode_batch(msgs))
-                for m in msgs:  # only now are the commands done (a plain publish each, not awaited)
-                    await m.ack()
+                while len(msgs) < self.opts.fetch_batch and not queue.empty():
+                    msgs.extend(queue.get_nowait())
+                staged = await self.sequence(self.decode_batch(msgs))
+                if publishing is not None:
+                    await publishing  # the previous batch's events go first; a fencing error stops us here
+                    publishing = None
+                if self.snapshot_due():  # drain the pipeline first: see maybe_snapshot
+                    await self._publish_and_ack(staged, msgs)
+                    await self.maybe_snapshot()
+                else:
+                    publishing = asyncio.create_task(self._publish_and_ack(staged, msgs))
+            if publishing is not None:
+                await publishing
         finally:
+            fetch_task.cancel()
             depth_task.cancel()
+            if publishing is not None and not publishing.done():
+                publishing.cancel()
+            for t in (fetch_task, depth_task, publishing):
+                if t is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+
+    async def _fetch_loop(self, psub: Any, queue: asyncio.Queue[list[Any]]) -> None:
+        while not self.stopping.is_set():
+            try:
+                msgs = await psub.fetch(self.opts.fetch_batch, timeout=0.05)
+            except TimeoutError:
+                continue
+            except Exception as exc:
+                if self.stopping.is_set():
+                    return
+                log.warning("fetch failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                await asyncio.sleep(0.1)
+                continue
+            if msgs:
+                await queue.put(msgs)
+
+    async def _publish_and_ack(self, staged: _Staged | None, msgs: list[Any]) -> None:
+        if staged is not None:
+            await self.publish_staged(staged)
+        for m in msgs:  # only now are the commands done (a plain publish each, not awaited)
+            await m.ack()
 
     async def _poll_depth(self, psub: Any) -> None:
         while True:
@@ -555,8 +619,17 @@ class CoreNode:
 
     async def process(self, items: list[tuple[int, str, Command]]) -> list[Event]:
         """Sequence, apply, journal, WAL, publish — one batch. The caller acks the source after."""
-        if not items:
+        staged = await self.sequence(items)
+        if staged is None:
             return []
+        await self.publish_staged(staged)
+        await self.maybe_snapshot()
+        return staged.events
+
+    async def sequence(self, items: list[tuple[int, str, Command]]) -> _Staged | None:
+        """Stage 1: sequence and apply the batch, journal it (fenced) and commit it to the WAL."""
+        if not items:
+            return None
         assert self.wal is not None and self.token is not None
         t0 = time.perf_counter()
         token = self.token
@@ -573,17 +646,27 @@ class CoreNode:
         M_APPLY.observe(time.perf_counter() - t0)
         await self.journal(recs, token)  # 1. the replicated journal: fenced, a stale leader stops here
         await self.commit_wal(recs)  # 2. the local WAL, group commit
-        by_stream: dict[str, list[Event]] = {}
-        for e in events:
-            by_stream.setdefault(e.symbol, []).append(e)
-        await self._publish(by_stream)  # 3. events, one message per stream
         self._remember(events)
         M_LAST_SEQ.set(self.engine.last_seq)
         M_BATCH.observe(len(recs))
-        M_LOOP.observe(time.perf_counter() - t0)
-        if self.engine.last_seq >= self.snapshot_due_at:
+        return _Staged(events, t0)
+
+    def snapshot_due(self) -> bool:
+        return self.engine.last_seq >= self.snapshot_due_at
+
+    async def maybe_snapshot(self) -> None:
+        """Snapshot when due. Only with every sequenced event on EVT: a recovery from this snapshot
+        cannot regenerate the events inside it, so none of them may still need publishing."""
+        if self.snapshot_due():
             await self.snapshot()
-        return events
+
+    async def publish_staged(self, staged: _Staged) -> None:
+        """Stage 2: the batch's events to EVT, one message per stream (fenced)."""
+        by_stream: dict[str, list[Event]] = {}
+        for e in staged.events:
+            by_stream.setdefault(e.symbol, []).append(e)
+        await self._publish(by_stream)
+        M_LOOP.observe(time.perf_counter() - staged.t0)
 
     async def journal(self, recs: list[JournalRecord], token: int) -> None:
         assert self.bus is not None

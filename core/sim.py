@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.engine import Engine
-from core.node import Bus, CoreNode, CoreOptions
+from core.node import Bus, CoreNode, CoreOptions, _Staged
 from core.recovery import JournalRecord, encode_record
 from core.wal import truncate_tail
 from core.wire import (
@@ -246,7 +246,12 @@ def _batches(rng: random.Random, n: int) -> list[tuple[int, int]]:
 
 
 async def _drive(core_dir: Path, cmds: list[Command], batches: list[tuple[int, int]],
-                 crashes: dict[int, str], opts_kw: dict[str, object]) -> tuple[SimNode, MemoryBus, list[str]]:
+                 crashes: dict[int, str], opts_kw: dict[str, object],
+                 pipelined: bool = False) -> tuple[SimNode, MemoryBus, list[str]]:
+    """Feed ``batches`` through a node, crashing where ``crashes`` says. ``pipelined`` drives the
+    leader's real schedule (``CoreNode._consume``): batch k+1 is sequenced, journaled and in the WAL
+    before batch k's events are published and its commands acked, so up to two batches can be
+    unpublished at a crash."""
     bus = MemoryBus()
     done_crashes: list[str] = []
     opts = CoreOptions(node_id="sim", nats_url="", core_dir=str(core_dir), **opts_kw)  # type: ignore[arg-type]
@@ -261,20 +266,41 @@ async def _drive(core_dir: Path, cmds: list[Command], batches: list[tuple[int, i
     await node.become_leader(1)
     await node.ensure_markets()
     acked = 0  # batches acknowledged to the source
+    next_batch = 0  # next batch to sequence
+    pending: tuple[_Staged | None, int] | None = None  # sequenced, not yet published/acked
     attempt = 0
     while acked < len(batches):
-        lo, hi = batches[acked]
-        # Redelivery: the source hands out every unacked command again, in order.
-        items = [(i + 1, f"c-{i + 1}", cmds[i]) for i in range(lo, hi) if not node.state.seen(i + 1)]
         point = crashes.pop(attempt, None)
         attempt += 1
         node.crash_at = point
-        if point == "during_snapshot":
-            node.snapshot_due_at = node.engine.last_seq  # make this batch take a snapshot
-        # The clock is a pure function of the batch, so retries sequence identically.
-        node.clock = functools.partial(int, 1_700_000_000_000 + lo * 7)
         try:
-            await node.process(items)
+            staged_now: tuple[_Staged | None, int] | None = None
+            if next_batch < len(batches) and (pipelined or pending is None):
+                lo, hi = batches[next_batch]
+                # Redelivery: the source hands out every unacked command again, in order.
+                items = [(i + 1, f"c-{i + 1}", cmds[i]) for i in range(lo, hi) if not node.state.seen(i + 1)]
+                if point == "during_snapshot":
+                    node.snapshot_due_at = node.engine.last_seq  # make this batch take a snapshot
+                # The clock is a pure function of the batch, so retries sequence identically.
+                node.clock = functools.partial(int, 1_700_000_000_000 + lo * 7)
+                staged_now = (await node.sequence(items), next_batch)
+                next_batch += 1
+            if pending is None:
+                pending, staged_now = staged_now, None
+                if pipelined and next_batch < len(batches):
+                    continue  # fill the pipeline first
+            assert pending is not None
+            staged, idx = pending
+            if staged is not None:
+                await node.publish_staged(staged)
+            acked = idx + 1
+            pending = staged_now
+            if node.snapshot_due() and pending is not None:  # the leader drains its pipeline first
+                staged, idx = pending
+                if staged is not None:
+                    await node.publish_staged(staged)
+                acked, pending = idx + 1, None
+            await node.maybe_snapshot()
             if point == "after_publish":
                 raise SimCrash(point)
         except SimCrash as crash:
@@ -283,14 +309,18 @@ async def _drive(core_dir: Path, cmds: list[Command], batches: list[tuple[int, i
                 node.wal.abandon()
             node = fresh()
             await node.become_leader(1)
+            next_batch, pending = acked, None
             continue
-        acked += 1
     return node, bus, done_crashes
 
 
 async def run_seed_async(seed: int, n: int = 300, workdir: Path | None = None, crashes: int | None = None,
-                         keep: bool = False) -> SimResult:
+                         keep: bool = False, pipelined: bool | None = None) -> SimResult:
+    """One seeded run against an uninterrupted reference. Odd seeds drive the pipelined schedule
+    unless ``pipelined`` says otherwise."""
     rng = random.Random(seed * 7919 + 1)
+    if pipelined is None:
+        pipelined = seed % 2 == 1
     cmds = generate(seed, n)
     batches = _batches(rng, len(cmds))
     k = crashes if crashes is not None else rng.randint(1, 3)
@@ -301,7 +331,7 @@ async def run_seed_async(seed: int, n: int = 300, workdir: Path | None = None, c
     base = Path(workdir or tempfile.mkdtemp(prefix=f"spotex-sim-{seed}-"))
     try:
         ref_node, ref_bus, _ = await _drive(base / "ref", cmds, batches, {}, opts_kw)
-        node, bus, done = await _drive(base / "crash", cmds, batches, dict(plan), opts_kw)
+        node, bus, done = await _drive(base / "crash", cmds, batches, dict(plan), opts_kw, pipelined)
         res = SimResult(seed, True, done, node.engine.state_hash(), ref_node.engine.state_hash(),
                         node.engine.last_seq, sum(len(v) for v in bus.events.values()))
         if res.state_hash != res.reference_hash:
@@ -334,6 +364,6 @@ async def run_seed_async(seed: int, n: int = 300, workdir: Path | None = None, c
             shutil.rmtree(base, ignore_errors=True)
 
 
-def run_seed(seed: int, n: int = 300, crashes: int | None = None) -> SimResult:
-    return asyncio.run(run_seed_async(seed, n, crashes=crashes))
+def run_seed(seed: int, n: int = 300, crashes: int | None = None, pipelined: bool | None = None) -> SimResult:
+    return asyncio.run(run_seed_async(seed, n, crashes=crashes, pipelined=pipelined))
 

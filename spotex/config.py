@@ -54,6 +54,9 @@ class NatsSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     # JetStream file store fsyncs on an interval by default; "always" trades speed for RPO 0.
     sync_interval: str = "always"
     duplicate_window_s: int = 120
+    # CMD (one message per trader command) persists asynchronously: "sync" fsyncs every command
+    # before its PubAck (core/bus.py explains why async is safe for the API's promises).
+    cmd_persist: Literal["async", "sync"] = "async"
 
 
 class PostgresSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -45,6 +45,7 @@ async def run_core(ctx: ServiceContext) -> None:
         lease_ttl_ms=cfg.core.lease_ttl_ms,
         fetch_batch=cfg.core.fetch_batch,
         duplicate_window_s=cfg.nats.duplicate_window_s,
+        cmd_persist=cfg.nats.cmd_persist,
         markets=market_configs(cfg),
         query_subject=cfg.core.query_subject,
     )

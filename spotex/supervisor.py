@@ -243,6 +243,7 @@ class Supervisor:
                     evt_stream=cfg.nats.evt_stream,
                     duplicate_window_s=cfg.nats.duplicate_window_s,
                     lease_ttl_s=cfg.core.lease_ttl_ms / 1000,
+                    cmd_persist=cfg.nats.cmd_persist,
                 )
             finally:
                 await nc.close()

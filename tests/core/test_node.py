@@ -199,3 +199,21 @@ def test_divergent_checkpoint_is_reported(tmp_path: Path) -> None:
     node.note_leader_checkpoint(50, "bb" * 32)  # the leader says otherwise at the same seq
     assert node.divergence == [{"last_seq": 50, "own": "aa" * 32, "leader": "bb" * 32}]
     assert REGISTRY.get_sample_value("core_standby_divergence_total") == before + 1
+
+
+async def test_cmd_stream_persists_asynchronously_and_keeps_its_mode(nats_srv: Any) -> None:
+    """CMD (one message per command) is created with asynchronous persistence; SEQ/EVT keep the
+    default (fsync before the ack). Re-running ensure_streams never flips an existing stream's mode,
+    which the server would refuse."""
+    from nats.js.api import PersistMode
+
+    async with Env(nats_srv.url) as env:
+        assert (await env.js.stream_info("CMD")).config.persist_mode == PersistMode.ASYNC
+        assert (await env.js.stream_info("EVT")).config.persist_mode in (None, PersistMode.DEFAULT)
+        await ensure_streams(env.js, lease_ttl_s=1.5, cmd_persist="sync")  # exists: keeps async
+        assert (await env.js.stream_info("CMD")).config.persist_mode == PersistMode.ASYNC
+        await env.js.delete_stream("CMD")
+        await ensure_streams(env.js, lease_ttl_s=1.5, cmd_persist="sync")
+        assert (await env.js.stream_info("CMD")).config.persist_mode in (None, PersistMode.DEFAULT)
+        with pytest.raises(ValueError, match="cmd_persist"):
+            await ensure_streams(env.js, cmd_persist="fast")
