@@ -94,6 +94,36 @@ def register(main: click.Group) -> None:
             click.echo(f"spotex: snapshot verify failed: {report['reason']}", err=True)
             sys.exit(1)
 
+    @core_group.command("forensics")
+    @stack_options
+    @click.option("--out", "out_dir", default="build/forensics", show_default=True,
+                  type=click.Path(file_okay=False), help="Directory for the bundle and its .sha256.")
+    @click.option("--log-lines", default=2_000, show_default=True, help="Last lines kept of each log.")
+    @click.option("--no-data", is_flag=True, help="Leave the WAL segments and snapshot files out (metadata only).")
+    @click.option("--live/--no-live", default=None,
+                  help="Query the running stack (status, nodes, JetStream). Default: when it runs.")
+    @click.option("--json", "as_json", is_flag=True)
+    def core_forensics(data_dir: str | None, config: str | None, out_dir: str, log_lines: int, no_data: bool,
+                       live: bool | None, as_json: bool) -> None:
+        """Forensic bundle (seed §3.1): nodes, snapshots, WAL + tail checksum, state hash, EVT/journal
+        positions, logs, masked config, in a tar.gz with a sha256 manifest."""
+        from spotex.cli import _load
+        from spotex.core_forensics import collect
+
+        if log_lines < 0:
+            fail("--log-lines must be >= 0")
+        env = _load(data_dir, config)
+        if not any((env.data.root / n).is_dir() for n in ("core", "core-standby")):
+            fail(f"no core data under {env.data.root} (expected {env.data.root / 'core'})")
+        res = collect(env, Path(out_dir), log_lines=log_lines, include_data=not no_data, live=live)
+        nodes = res.summary.get("nodes", {})
+        _emit({"forensics_bundle": str(res.bundle), "forensics_sha256": res.sha256, "forensics_files": res.files,
+               "forensics_bytes": res.bytes,
+               "forensics_nodes": {n: {"last_seq": v.get("last_seq"), "state_hash": v.get("state_hash")}
+                                   for n, v in nodes.items()},
+               "forensics_errors": len(res.summary.get("errors", [])),
+               "forensics_ok": "true"}, as_json)
+
     @main.command("sim")
     @click.option("--seeds", default=200, show_default=True, help="How many seeds to run.")
     @click.option("--start", default=0, show_default=True, help="First seed.")
