@@ -38,10 +38,14 @@ __all__ = [
     "ANOMALY_DEFAULTS",
     "CHECKS",
     "DEFAULT_BUDGETS",
+    "POLICY_ACTOR",
     "JobContext",
     "JobResult",
     "anomaly_findings",
+    "core_symbol_mode",
     "evaluate_budgets",
+    "lag_policy_target",
+    "lag_policy_thresholds",
     "sign_webhook",
 ]
 
@@ -83,6 +87,7 @@ class JobContext:
     data_dir: Path
     evidence_dir: Path
     pool: Any = None
+    nc: Any = None
     js: Any = None
     edge_metrics_url: str | None = None
     budgets_file: str | None = None
@@ -163,29 +168,130 @@ async def check_reconciliation(ctx: JobContext) -> JobResult:
     return JobResult("ok" if ok else "violation", out)
 
 
+POLICY_ACTOR = "jobs:settlement_lag"
+_MODE_RANK = {"NORMAL": 0, "CANCEL_ONLY": 1, "SOFT_HALT": 2, "HARD_HALT": 3}
+
+
+def lag_policy_thresholds(cfg: Any) -> tuple[int, int, int]:
+    """(recovered below, T2, T3): one policy with the ledger's latch, from ``[ledger]``."""
+    lc = cfg.ledger
+    return int(lc.lag_warn_seq), int(lc.lag_throttle_seq), int(lc.lag_halt_seq)
+
+
+def lag_policy_target(lag: int, t2: int, t3: int) -> str:
+    """Seed §3.2: above T3 SOFT_HALT; above T2 throttle new orders, which the core can only do as
+    CANCEL_ONLY (no new orders, cancels allowed): it has no partial per-symbol order throttle."""
+    if lag >= t3:
+        return "SOFT_HALT"
+    if lag >= t2:
+        return "CANCEL_ONLY"
+    return "NORMAL"
+
+
+async def core_symbol_mode(ctx: JobContext, symbol: str) -> str | None:
+    """The symbol's mode in the core now (core query ``book`` at depth 0), None if it cannot tell."""
+    import msgspec
+
+    if ctx.nc is None:
+        return None
+    subject = ctx.cfg.core.query_subject if ctx.cfg is not None else "core.query"
+    try:
+        resp = await ctx.nc.request(subject, msgspec.msgpack.encode({"op": "book", "symbol": symbol, "depth": 0}),
+                                    timeout=3)
+        data = msgspec.msgpack.decode(resp.data)
+    except Exception:
+        return None
+    return str(data["mode"]) if isinstance(data, dict) and "mode" in data else None
+
+
+async def _policy_imposed(ctx: JobContext) -> dict[str, str]:
+    """Symbol -> mode this policy set and still holds, from the last finished settlement_lag run."""
+    async with ctx.pool.acquire() as c:
+        raw = await c.fetchval("SELECT output FROM job_runs WHERE job = 'settlement_lag' AND finished_at IS NOT NULL "
+                               "ORDER BY id DESC LIMIT 1")
+    out = json.loads(raw) if isinstance(raw, str) else (raw or {})
+    imposed = (out.get("policy") or {}).get("imposed") or {}
+    return {str(k): str(v) for k, v in imposed.items()}
+
+
+async def _apply_mode(ctx: JobContext, symbol: str, mode: str, reason: str, params: dict[str, Any]) -> int | None:
+    """Audit (actor ``jobs:settlement_lag``) then send SetSymbolMode to the core; the audit seq."""
+    from core.wire import SetSymbolMode, SymbolMode
+    from ledger.reconcile import CoreAdmin
+
+    ticket = f"JOBS-LAG-{symbol}-{int(ctx.now())}"
+    cmd = SetSymbolMode(symbol=symbol, mode=SymbolMode(mode), reason=reason, ticket=ticket)
+    return await CoreAdmin(ctx.pool, ctx.js, actor=POLICY_ACTOR).send(cmd, reason=reason, ticket=ticket,
+                                                                       params=params)
+
+
 async def check_settlement_lag(ctx: JobContext) -> JobResult:
+    """Settlement lag report and policy (seed §3.2), per symbol stream: lag >= T2 -> CANCEL_ONLY
+    (new orders throttled to none), lag >= T3 -> SOFT_HALT, each audited with actor
+    ``jobs:settlement_lag`` before the command goes to the core. A mode the policy set is lifted
+    (audited, back to NORMAL) once the lag is under ``lag_warn_seq`` again, unless someone else
+    changed the mode since (an operator, the ledger's latch) or the ledger's latch is engaged on the
+    symbol: those stay theirs. Only ever tightens what the core has; ``_sys`` is reported only (the
+    ledger's latch halts withdrawals). Acts independently of the ledger service, so the policy holds
+    even when the ledger itself is what stalls."""
     if ctx.pool is None:
         return _not_available("no PostgreSQL connection")
     try:
-        lag, _ = await _lag_and_latches(ctx)
+        lag, latches = await _lag_and_latches(ctx)
     except ImportError as exc:
         return _not_available("ledger.reconcile not available", exc)
     except Exception as exc:
         if _missing_table(exc):
             return _not_available("ledger tables not migrated", exc)
         raise
-    limit = int(getattr(ctx.cfg.jobs, "settlement_lag_max_events", 1000)) if ctx.cfg is not None else 1000
+    recovered, t2, t3 = lag_policy_thresholds(ctx.cfg)
     now_ms = int(ctx.now() * 1000)
     per: dict[str, dict[str, Any]] = {}
     for s, v in lag.items():
         at = v.get("last_occurred_at_ms")
-        per[s] = {"lag_events": int(v.get("lag", 0)), "last_settled_age_ms": (now_ms - int(at)) if at else None}
+        per[s] = {"lag_events": int(v.get("lag", 0)), "last_settled_age_ms": (now_ms - int(at)) if at else None,
+                  "engine_seq": v.get("engine_seq"), "ledger_seq": v.get("ledger_seq")}
     worst = max((int(p["lag_events"]) for p in per.values()), default=0)
-    out: dict[str, Any] = {"streams": per, "max_lag_events": worst, "limit_events": limit}
-    ok = worst <= limit
-    out["recommended_action"] = "NONE" if ok else "SOFT_HALT"
+    imposed = await _policy_imposed(ctx)
+    actions: list[dict[str, Any]] = []
+    unapplied: list[str] = []
+    for s, p in sorted(per.items()):
+        if s.startswith("_") or p["engine_seq"] is None:
+            continue
+        n = int(p["lag_events"])
+        target = lag_policy_target(n, t2, t3)
+        p["policy_level"] = target
+        ours = imposed.get(s)
+        if target == "NORMAL" and ours is None:
+            continue
+        current = await core_symbol_mode(ctx, s)
+        p["core_mode"] = current
+        if current is None:
+            unapplied.append(s)
+            continue
+        params = {"symbol": s, "lag": n, "t2": t2, "t3": t3, "recovered_below": recovered}
+        if _MODE_RANK.get(target, 0) > _MODE_RANK.get(current, 0):
+            t = "T3" if target == "SOFT_HALT" else "T2"
+            reason = f"settlement lag {n} on {s} beyond {t} ({t3 if t == 'T3' else t2})"
+            seq = await _apply_mode(ctx, s, target, reason, {**params, "mode": target, "from": current})
+            actions.append({"symbol": s, "from": current, "to": target, "lag": n, "audit_seq": seq, "reason": reason})
+            imposed[s] = target
+        elif ours is not None and current != ours:
+            imposed.pop(s)  # changed by someone else since: theirs now
+        elif ours is not None and n < recovered and not (latches.get(s) or {}).get("engaged"):
+            reason = f"settlement lag on {s} back to {n} (< {recovered}): lifting {ours} set by the lag policy"
+            seq = await _apply_mode(ctx, s, "NORMAL", reason, {**params, "mode": "NORMAL", "from": ours})
+            actions.append({"symbol": s, "from": ours, "to": "NORMAL", "lag": n, "audit_seq": seq, "reason": reason})
+            imposed.pop(s)
+    levels = [p.get("policy_level", "NORMAL") for p in per.values()]
+    action = "SOFT_HALT" if "SOFT_HALT" in levels else ("CANCEL_ONLY" if "CANCEL_ONLY" in levels else "NONE")
+    out: dict[str, Any] = {
+        "streams": per, "max_lag_events": worst, "t2": t2, "t3": t3, "recovered_below": recovered,
+        "policy": {"actor": POLICY_ACTOR, "imposed": imposed, "actions": actions, "core_mode_unknown": unapplied},
+        "recommended_action": action,
+    }
     ctx.write_evidence("settlement-lag-latest.json", out)
-    return JobResult("ok" if ok else "violation", out)
+    return JobResult("ok" if action == "NONE" and not unapplied else "violation", out)
 
 
 # ------------------------------------------------------------------------------------------------

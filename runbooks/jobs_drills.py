@@ -11,6 +11,17 @@ local receiver that checks the HMAC signature and timestamp. Then a safety-budge
 missing, evidence stale, limit breached) and one that holds; the evaluation must fail with exactly
 those three violations, each with its reason and recommended action, and a healthy budgets file
 must pass. Success line ``runbook_budget_failure_ok=true``.
+
+``spotex drill lag-spike`` (seed §4.0 reconciliation lag, §3.2 policy): the ledger service is
+paused (SIGSTOP: it stays up for the supervisor, but settles nothing) while orders keep flowing
+through the real core, so settlement lag grows on the traded symbols. The ``settlement_lag`` job,
+run through ``run_job`` with the drill's thresholds (T2/T3 well below the ledger's own T2, so the
+ledger's latch stays out of it), must set CANCEL_ONLY (new orders throttled) on a symbol past T2,
+then SOFT_HALT past T3, each confirmed by the core's own mode and by an audit entry with actor
+``jobs:settlement_lag``. Then the ledger resumes (SIGCONT), catches up, and the job lifts what it set
+(NORMAL, audited). Evidence: ``lag-spike-summary.json`` (``lag_spike_ok``, per-phase runs, audit
+entries, ``recommended_action``) and ``settlement-lag-latest.json``. Success line
+``runbook_lag_spike_ok=true``.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from typing import Any
 
 from runbooks.common import Drill
 
-__all__ = ["budget_failure", "game_day_anomaly"]
+__all__ = ["budget_failure", "game_day_anomaly", "lag_spike"]
 
 
 @contextlib.asynccontextmanager
@@ -167,4 +178,168 @@ async def budget_failure(d: Drill) -> bool:
         d.emit(f"violation_{v['name']}", f"{v['reason']}:{v['recommended_action']}")
     d.emit("recommended_action", res["recommended_action"])
     d.emit("runbook_budget_failure_ok", ok)
+    return ok
+
+
+async def _until(pred: Any, timeout: float, every: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = await pred()
+        if got:
+            return got
+        await asyncio.sleep(every)
+    return None
+
+
+async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50, commands: int = 20_000,
+                    rate: float = 150.0, seed: int = 21) -> bool:
+    """Load is paced (``rate`` commands/s) so that the T2 -> T3 climb on a symbol takes seconds: the
+    job's T2 run must see the symbol between T2 and T3. ``commands`` only bounds it: the load stops
+    once T3 is passed."""
+    import signal
+
+    import msgspec
+
+    from core.sim import generate
+    from jobs.checks import POLICY_ACTOR, core_symbol_mode
+    from jobs.scheduler import close_context, run_job
+    from ledger.audit import load_entries
+    from ledger.reconcile import lag_report
+    from runbooks.common import publish_load
+
+    lc = d.cfg.ledger
+    if not (recovered < t2 < t3 < lc.lag_throttle_seq):
+        raise SystemExit(f"spotex: lag-spike needs recovered < T2 < T3 < the ledger's own T2 "
+                         f"({recovered} < {t2} < {t3} < {lc.lag_throttle_seq})")
+    before = d.status("before")
+    comp = d.component("ledger")
+    if not comp.get("pid"):
+        raise SystemExit("spotex: no ledger service in this stack")
+    ledger_pid = int(comp["pid"])
+    d.cfg = msgspec.structs.replace(d.cfg, ledger=msgspec.structs.replace(
+        lc, lag_warn_seq=recovered, lag_throttle_seq=t2, lag_halt_seq=t3))
+    ctx, closers = await _ctx(d)
+    phases: dict[str, Any] = {}
+    stop_load = asyncio.Event()
+    load: asyncio.Task[Any] | None = None
+    paused = False
+    t0 = time.monotonic()
+    timeline: list[dict[str, Any]] = []
+
+    def mark(event: str, **kw: Any) -> None:
+        timeline.append({"t_s": round(time.monotonic() - t0, 3), "event": event, **kw})
+
+    async def lags() -> dict[str, int]:
+        rep = await lag_report(ctx.pool, ctx.js, d.cfg.nats.evt_stream)
+        return {s: int(v.get("lag", 0)) for s, v in rep.items() if "engine_seq" in v and not s.startswith("_")}
+
+    async def job(label: str) -> dict[str, Any]:
+        r = await run_job(ctx, "settlement_lag", trigger="drill")
+        out = r["output"]
+        phases[label] = {"run_id": r["run_id"], "outcome": r["outcome"], "max_lag_events": out.get("max_lag_events"),
+                         "recommended_action": out.get("recommended_action"),
+                         "actions": (out.get("policy") or {}).get("actions"),
+                         "imposed": (out.get("policy") or {}).get("imposed"),
+                         "core_modes": {s: v.get("core_mode") for s, v in (out.get("streams") or {}).items()
+                                        if v.get("core_mode")}}
+        mark(f"job_{label}", outcome=r["outcome"], actions=len(phases[label]["actions"] or []))
+        return r
+
+    async def core_mode(symbol: str) -> str | None:
+        return await core_symbol_mode(ctx, symbol)
+
+    async def core_shows(symbol: str, mode: str, timeout: float = 20) -> bool:
+        """The command goes through CMD: wait for the core to have applied it."""
+        async def hit() -> bool:
+            return await core_mode(symbol) == mode
+
+        return bool(await _until(hit, timeout, every=0.2))
+
+    audit_from = 0
+    ok_steps: dict[str, bool] = {}
+    hot: str | None = None
+    try:
+        async with ctx.pool.acquire() as c:
+            audit_from = int(await c.fetchval("SELECT coalesce(max(seq), 0) FROM audit_chain WHERE chain = 'admin'"))
+        base = await job("baseline")
+        ok_steps["baseline_clear"] = base["outcome"] == "ok" and not phases["baseline"]["actions"]
+        os.kill(ledger_pid, signal.SIGSTOP)
+        paused = True
+        mark("ledger_paused", pid=ledger_pid)
+        load = asyncio.create_task(publish_load(d.endpoints.nats_url, list(generate(seed, commands)), rate,
+                                                f"lag-spike-{int(time.time())}", stop_load))
+
+        async def past(limit: int) -> str | None:
+            ls = await lags()
+            over = [s for s, n in sorted(ls.items(), key=lambda kv: -kv[1]) if n >= limit]
+            return over[0] if over else None
+
+        hot = await _until(lambda: past(t2), 120)
+        mark("past_t2", symbol=hot, lags=await lags())
+        if hot is not None:
+            await job("t2")
+            ok_steps["t2_throttle"] = (any(a["symbol"] == hot and a["to"] == "CANCEL_ONLY"
+                                           for a in phases["t2"]["actions"] or [])
+                                       and await core_shows(hot, "CANCEL_ONLY"))
+            hot3 = await _until(lambda: past(t3), 120)
+            mark("past_t3", symbol=hot3, lags=await lags())
+            if hot3 is not None:
+                await job("t3")
+                ok_steps["t3_soft_halt"] = (any(a["symbol"] == hot3 and a["to"] == "SOFT_HALT"
+                                                for a in phases["t3"]["actions"] or [])
+                                            and await core_shows(hot3, "SOFT_HALT"))
+        stop_load.set()
+        load_res = await load
+        mark("load_stopped", sent=load_res.sent, acked=len(load_res.acked), errors=load_res.errors)
+        os.kill(ledger_pid, signal.SIGCONT)
+        paused = False
+        mark("ledger_resumed")
+
+        async def caught_up() -> bool:
+            ls = await lags()
+            return bool(ls) and max(ls.values()) < recovered
+
+        settled = await _until(caught_up, 180)
+        mark("ledger_caught_up", ok=bool(settled), lags=await lags())
+        rec = await job("recovery")
+        lifted = list(phases.get("t3", {}).get("imposed") or {})
+        normal = {s: await core_shows(s, "NORMAL") for s in lifted}
+        ok_steps["recovered"] = (bool(settled) and rec["outcome"] == "ok" and not phases["recovery"]["imposed"]
+                                 and bool(normal) and all(normal.values()))
+        mark("core_modes_after", **{s: await core_mode(s) for s in lifted})
+        async with ctx.pool.acquire() as c:
+            entries = await load_entries(c, "admin", after_seq=audit_from)
+            latched = [r["symbol"] for r in await c.fetch("SELECT symbol FROM ledger_latches WHERE engaged")]
+    finally:
+        stop_load.set()
+        if paused:
+            os.kill(ledger_pid, signal.SIGCONT)
+        if load is not None and not load.done():
+            await load
+        await close_context(closers)
+    ours = [e for e in entries if e.get("actor") == POLICY_ACTOR]
+    audited = {(e["params"].get("symbol"), e["params"].get("mode")) for e in ours}
+    acted = {(a["symbol"], a["to"]) for ph in phases.values() for a in (ph.get("actions") or [])}
+    ok_steps["every_action_audited"] = bool(acted) and acted <= audited
+    ok_steps["ledger_latch_not_involved"] = not latched
+    after = d.status("after")
+    ok = all(ok_steps.get(k) for k in ("baseline_clear", "t2_throttle", "t3_soft_halt", "recovered",
+                                       "every_action_audited", "ledger_latch_not_involved"))
+    failed = [k for k in ("baseline_clear", "t2_throttle", "t3_soft_halt", "recovered", "every_action_audited",
+                          "ledger_latch_not_involved") if not ok_steps.get(k)]
+    action = "NONE" if ok else ("INVESTIGATE_LAG_POLICY" if set(failed) - {"recovered"} else "INVESTIGATE_LEDGER")
+    summary = {
+        "lag_spike_ok": ok, "recommended_action": action, "steps": ok_steps, "failed_steps": failed,
+        "thresholds": {"recovered_below": recovered, "t2": t2, "t3": t3,
+                       "ledger_own_t2": lc.lag_throttle_seq, "ledger_own_t3": lc.lag_halt_seq},
+        "hot_symbol": hot, "phases": phases, "policy_audit_entries": ours, "ledger_latches_engaged": latched,
+        "timeline": timeline, "stack_healthy_before": before.get("healthy"),
+        "stack_healthy_after": after.get("healthy"),
+    }
+    d.write("lag-spike-summary.json", summary)
+    for k in ("baseline_clear", "t2_throttle", "t3_soft_halt", "recovered", "every_action_audited"):
+        d.emit(f"lag_spike_{k}", bool(ok_steps.get(k)))
+    d.emit("lag_spike_policy_audit_entries", len(ours))
+    d.emit("recommended_action", action)
+    d.emit("runbook_lag_spike_ok", ok)
     return ok

@@ -112,6 +112,18 @@ def register(main: click.Group) -> None:
 
         _run("game-day-anomaly", data_dir, out, fn)
 
+    @drill.command("lag-spike")
+    @_common
+    @click.option("--t2", default=150, show_default=True, help="Drill T2 (throttle), below the ledger's own T2.")
+    @click.option("--t3", default=600, show_default=True, help="Drill T3 (SOFT_HALT), below the ledger's own T2.")
+    @click.option("--rate", default=150.0, show_default=True, help="Commands per second while the ledger is paused.")
+    def lag_spike(data_dir: str | None, out: str | None, t2: int, t3: int, rate: float) -> None:
+        """Seed §4.0/§3.2: ledger paused under load -> the lag job throttles past T2, SOFT_HALTs past T3,
+        audited; the ledger resumes and the job lifts it."""
+        from runbooks.jobs_drills import lag_spike as fn
+
+        _run("lag-spike", data_dir, out, fn, t2=t2, t3=t3, rate=rate)
+
     @drill.command("budget-failure")
     @_common
     def budget_failure(data_dir: str | None, out: str | None) -> None:
