@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from core.engine import Engine
+from core.engine import ENGINE_IMPL, Engine
 from core.wire import (
     AddMarket,
     AmendOrder,
@@ -210,6 +210,7 @@ def run(n: int = 1_000_000, seed: int = 1, checkpoint_every: int = 10_000, chunk
 
     return {
         "bench": "engine",
+        "engine_impl": ENGINE_IMPL,
         "commands": n,
         "commands_per_s": round(n / (busy / 1e9)),
         "p50_us": pct(0.50),

@@ -124,6 +124,30 @@ def register(main: click.Group) -> None:
                "forensics_errors": len(res.summary.get("errors", [])),
                "forensics_ok": "true"}, as_json)
 
+    @core_group.command("build-native")
+    @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+                  help="Build directory (default: SPOTEX_NATIVE_DIR, else build/native in the source tree).")
+    @click.option("--verify-commands", default=3_000, show_default=True,
+                  help="Commands per seed of the differential check against the pure-Python engine.")
+    def core_build_native(out_dir: str | None, verify_commands: int) -> None:
+        """Optional: compile the engine with mypyc and verify it against the pure-Python engine.
+        Use it with SPOTEX_ENGINE=native (docs/engine.md); pure Python stays the default."""
+        import subprocess
+
+        from core.engine.native import build
+
+        try:
+            res = build(Path(out_dir).resolve() if out_dir else None, verify_commands=verify_commands)
+        except subprocess.CalledProcessError as exc:
+            click.echo((exc.stdout or "")[-3000:] + (exc.stderr or "")[-3000:], err=True)
+            fail("mypyc build failed (it needs mypy from the dev extras and a C compiler)")
+        except AssertionError as exc:
+            fail(f"compiled engine differs from the pure-Python engine, not stamped: {exc}")
+        _emit({"native_dir": res["native_dir"], "source_sha256": res["source_sha256"],
+               "verified_commands": res["verify"]["commands"], "compile_seconds": res["compile_seconds"],
+               "native_build_ok": "true"}, False)
+        click.echo("use it: SPOTEX_ENGINE=native spotex ...")
+
     @main.command("sim")
     @click.option("--seeds", default=200, show_default=True, help="How many seeds to run.")
     @click.option("--start", default=0, show_default=True, help="First seed.")

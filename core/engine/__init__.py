@@ -1,9 +1,20 @@
 """The pure matching engine: :class:`Engine` applies sequenced commands and returns events.
 
 No I/O, no wall clock, deterministic. See docs/engine.md.
+
+``SPOTEX_ENGINE=native`` selects the optional compiled build of the same code when a current,
+verified one exists (``spotex core build-native``; see :mod:`core.engine.native`); ``ENGINE_IMPL``
+says which one is in use. The pure-Python engine is the default and the reference.
 """
 
+from core.engine import native as _native
 from core.engine.engine import SNAPSHOT_FORMAT, Engine, SequenceError
 from core.engine.views import BalanceView, BookView, OrderView
 
-__all__ = ["SNAPSHOT_FORMAT", "BalanceView", "BookView", "Engine", "OrderView", "SequenceError"]
+_compiled = _native.select()
+if _compiled is not None:
+    Engine = _compiled.Engine  # type: ignore[misc]  # same class, compiled (checked by build-native)
+    SequenceError = _compiled.SequenceError  # type: ignore[misc]
+ENGINE_IMPL = "native" if _compiled is not None else "python"
+
+__all__ = ["ENGINE_IMPL", "SNAPSHOT_FORMAT", "BalanceView", "BookView", "Engine", "OrderView", "SequenceError"]

@@ -1,0 +1,167 @@
+"""Optional compiled build of the engine (mypyc), never required; the pure-Python engine is the reference.
+
+``spotex core build-native`` copies ``book.py`` and ``engine.py`` into ``build/native/src/`` as the
+package ``spotex_native_engine`` (only their imports of each other are rewritten; events, views and
+the wire contract stay the shared pure-Python classes), compiles both with mypyc (shipped with mypy,
+needs a C compiler), then runs a differential check: seeded command streams applied by both engines
+must give byte-identical events, equal state hashes and interchangeable snapshots. Only then does it
+write ``build/native/stamp.json`` with the sha256 of the sources it compiled.
+
+``SPOTEX_ENGINE=native`` makes ``core.engine.Engine`` the compiled one, if a build exists whose stamp
+matches the current sources (a stale build after an edit is refused, with a warning, never used);
+otherwise the pure-Python engine is used and the reason is logged. Unset (the default) or
+``python``: pure Python. ``SPOTEX_NATIVE_DIR`` overrides where the build lives.
+
+Nothing here is imported by anything but ``core.engine`` at start-up and the CLI; imports stay
+stdlib-only at module level so that ``core.engine`` can import this module first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+__all__ = ["PACKAGE", "build", "native_dir", "select", "source_digest", "verify"]
+
+log = logging.getLogger("core.engine.native")
+
+PACKAGE = "spotex_native_engine"
+_SRC = Path(__file__).resolve().parent
+_COMPILED = ("book.py", "engine.py")
+_STAMP = "stamp.json"
+
+
+def native_dir() -> Path:
+    env = os.environ.get("SPOTEX_NATIVE_DIR")
+    return Path(env).resolve() if env else _SRC.parent.parent / "build" / "native"
+
+
+def source_digest() -> str:
+    h = hashlib.sha256()
+    for name in _COMPILED:
+        h.update(name.encode() + b"\0" + (_SRC / name).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _rewrite(text: str) -> str:
+    return re.sub(r"^from core\.engine\.book import", f"from {PACKAGE}.book import", text, flags=re.M)
+
+
+def _load(directory: Path) -> ModuleType:
+    src = str(directory / "src")
+    if src not in sys.path:
+        sys.path.append(src)  # last: nothing of the project can be shadowed by it
+    mod = importlib.import_module(f"{PACKAGE}.engine")
+    if not str(getattr(mod, "__file__", "")).endswith(".so"):
+        raise ImportError(f"{PACKAGE}.engine in {src} is not compiled")
+    return mod
+
+
+def select() -> ModuleType | None:
+    """The compiled engine module when ``SPOTEX_ENGINE=native`` and a current verified build
+    exists; else None (and a warning saying why, when native was asked for)."""
+    want = os.environ.get("SPOTEX_ENGINE", "python").strip().lower()
+    if want in ("", "python", "pure"):
+        return None
+    if want != "native":
+        log.warning("SPOTEX_ENGINE=%r is not python or native: using the pure-Python engine", want)
+        return None
+    directory = native_dir()
+    try:
+        stamp = json.loads((directory / _STAMP).read_text())
+    except (OSError, ValueError):
+        log.warning("SPOTEX_ENGINE=native but no verified build in %s (spotex core build-native): "
+                    "using the pure-Python engine", directory)
+        return None
+    if stamp.get("source_sha256") != source_digest() or not stamp.get("verified"):
+        log.warning("SPOTEX_ENGINE=native but the build in %s is stale (the engine sources changed "
+                    "since it was compiled; run spotex core build-native): using the pure-Python engine",
+                    directory)
+        return None
+    try:
+        return _load(directory)
+    except ImportError as exc:
+        log.warning("SPOTEX_ENGINE=native but the build in %s does not load (%s): using the pure-Python "
+                    "engine", directory, exc)
+        return None
+
+
+def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int = 3_000) -> dict[str, Any]:
+    """Differential check of a compiled engine module against the pure-Python reference."""
+    import msgspec
+
+    from core.engine.engine import Engine as Pure
+    from core.sim import generate, sim_markets
+    from core.wire import AddMarket, Command, SequencedCommand, WithdrawalsHalt
+
+    enc = msgspec.msgpack.Encoder()
+    checked = 0
+    for seed in seeds:
+        cmds: list[Command] = [AddMarket(config=m) for m in sim_markets()]
+        cmds += generate(seed, commands)
+        cmds.append(WithdrawalsHalt(on=True, reason="verify"))
+        pure, nat = Pure(checkpoint_every=97), native.Engine(checkpoint_every=97)
+        half = len(cmds) // 2
+        for i, c in enumerate(cmds, 1):
+            # the fencing token steps back once per stream: stale-command rejections are compared too
+            token = 1 if i < half + 10 or i > half + 20 else 0
+            sc = SequencedCommand(seq=i, ts_ms=1_700_000_000_000 + i, fencing_token=token, correlation_id=f"v{i}",
+                                  command=c)
+            a, b = enc.encode(pure.apply(sc)), enc.encode(nat.apply(sc))
+            if a != b:
+                raise AssertionError(f"seed {seed}, seq {i}: events differ between the pure and compiled engines")
+            if i == half:
+                # snapshots are interchangeable both ways
+                if pure.snapshot() != nat.snapshot():
+                    raise AssertionError(f"seed {seed}: snapshots differ at seq {i}")
+                pure = Pure.from_snapshot(nat.snapshot())
+                nat = native.Engine.from_snapshot(pure.snapshot())
+            checked += 1
+        if pure.state_hash() != nat.state_hash():
+            raise AssertionError(f"seed {seed}: state hashes differ")
+        for oid in range(1, len(cmds) + 1, 7):
+            if pure.order(oid) != nat.order(oid):
+                raise AssertionError(f"seed {seed}: order {oid} differs")
+    return {"commands": checked, "seeds": list(seeds)}
+
+
+def build(directory: Path | None = None, *, verify_commands: int = 3_000) -> dict[str, Any]:
+    """Compile, verify, stamp. Raises CalledProcessError (compiler output in it) or AssertionError."""
+    directory = directory or native_dir()
+    t0 = time.perf_counter()
+    digest = source_digest()
+    src = directory / "src"
+    shutil.rmtree(directory, ignore_errors=True)
+    pkg = src / PACKAGE
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""Compiled copy of core/engine (book, engine): see core/engine/native.py."""\n')
+    for name in _COMPILED:
+        (pkg / name).write_text(_rewrite((_SRC / name).read_text()))
+    repo = _SRC.parent.parent
+    env = {**os.environ, "MYPYPATH": str(repo), "PYTHONPATH": str(repo)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypyc", f"{PACKAGE}/book.py", f"{PACKAGE}/engine.py"],
+        cwd=src, env=env, capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    shutil.rmtree(src / "build", ignore_errors=True)
+    compiled_s = time.perf_counter() - t0
+    mod = _load(directory)
+    result = verify(mod, commands=verify_commands)
+    stamp = {"source_sha256": digest, "verified": True, "python": sys.version.split()[0],
+             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "verify": result,
+             "compile_seconds": round(compiled_s, 1)}
+    (directory / _STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True))
+    return {"native_dir": str(directory), **stamp}
