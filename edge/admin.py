@@ -281,7 +281,7 @@ async def admin_status(request: Request[Any, Any, Any]) -> Response[Any]:
     seq, h = await audit.head(st.pool)
     bg = await audit.break_glass_status(st.pool)
     return json_response({
-        "core": core, "modes": await st.symbol_modes(), "withdrawalsHalted": st.withdrawals_halted,
+        "core": core, "modes": await st.symbol_modes(), "withdrawalsHalted": await st.withdrawals_state(),
         "latches": latches, "breakGlass": bg.to_dict(), "audit": {"seq": seq, "head": h},
         "edge": {"readiness": await st.ready_reason() or "ready", "startedMs": st.started_ms},
     })

@@ -230,6 +230,27 @@ class EdgeState:
                         self.modes.setdefault(sym, str(bv["mode"]))
         return dict(self.modes)
 
+    async def withdrawals_state(self) -> bool | None:
+        """Whether withdrawals are halted: what this edge saw on EVT, else the core's own answer
+        (``status`` carries ``withdrawals_halted``), else the ledger's copy of the flag
+        (``ledger_core_flags``, settled from the same event). None only when none of them knows."""
+        if self.withdrawals_halted is not None:
+            return self.withdrawals_halted
+        if self.core is not None:
+            with contextlib.suppress(SpotexError):
+                st = await self.core.query("status", timeout=1.0)
+                if isinstance(st, dict) and isinstance(st.get("withdrawals_halted"), bool):
+                    self.withdrawals_halted = st["withdrawals_halted"]
+                    return self.withdrawals_halted
+        if self.pool is not None:
+            # Not cached: the ledger may lag the core; the next WithdrawalsHaltChanged event or a
+            # core that answers takes over.
+            with contextlib.suppress(Exception):
+                v = await self.pool.fetchval("SELECT value FROM ledger_core_flags WHERE name = 'withdrawals_halt'")
+                if v is not None:
+                    return str(v) == "on"
+        return None
+
     def on_events(self, events: list[Any]) -> None:
         for ev in events:
             if isinstance(ev, SymbolModeChanged):

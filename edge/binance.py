@@ -30,6 +30,7 @@ from edge.account import balances_of
 from edge.app import EdgeState, edge_state, json_response
 from edge.core_client import correlation_for
 from edge.errors import BinanceError, SpotexError
+from edge.fills import FillQuery, fills_history, forward
 from edge.orders import OrderOut, PlaceOrderIn, cancel_order, find_order, order_from_view, place_order
 
 __all__ = ["ROUTES", "binance_symbol"]
@@ -471,10 +472,16 @@ async def my_trades(request: Request[Any, Any, Any]) -> Response[Any]:
     p, q = await _signed(st, request, "read")
     m = _market(st, q.req("symbol"))
     limit = q.int("limit", 500, 1, 1000) or 500
-    assert st.core is not None
-    rows = st.core.fills(p.account_id, m.symbol, limit, order_id=q.int("orderId"))
+    fq = FillQuery(p.account_id, m.symbol, q.int("orderId"), q.int("startTime"), q.int("endTime"), q.int("fromId"),
+                   limit)
+    if fq.start_ms is not None and fq.end_ms is not None and fq.start_ms > fq.end_ms:
+        raise BinanceError(-1128, "Combination of optional parameters invalid: startTime is after endTime.",
+                           "VALIDATION")
+    rows = await fills_history(st, fq)
+    if not forward(fq):
+        rows.reverse()  # Binance answers oldest first
     out = []
-    for f in reversed(rows):
+    for f in rows:
         fee_scale = m.base_scale if f.fee_asset == m.base else m.quote_scale
         out.append({"symbol": binance_symbol(m), "id": f.trade_id, "orderId": f.order_id, "orderListId": -1,
                     "price": ticks_to_price(f.price_ticks, m), "qty": lots_to_qty(f.qty_lots, m),

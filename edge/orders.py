@@ -41,6 +41,7 @@ from core.wire import (
 from edge.app import EdgeState, edge_state, json_response
 from edge.core_client import CommandResult, Fill, correlation_for
 from edge.errors import PROBLEM_CONTENT_TYPE, SpotexError, order_rejected
+from edge.fills import FillQuery, fills_history
 from edge.idempotency import StoredResponse
 
 __all__ = [
@@ -291,6 +292,8 @@ async def find_order(st: EdgeState, account_id: int, *, order_id: int | None = N
                      client_order_id: str | None = None) -> dict[str, Any]:
     assert st.core is not None
     if order_id is not None:
+        if not 0 < order_id < 2**63:  # order ids are int64; a bigger one cannot even be asked for
+            raise SpotexError("ORDER_NOT_FOUND", execution_status="NOT_EXECUTED")
         v = await st.core.query("order", order_id=order_id)
     else:
         v = await st.core.query("order", account_id=account_id, client_order_id=client_order_id)
@@ -489,16 +492,20 @@ async def open_orders(request: Request[Any, Any, Any],
 
 
 @get("/v1/fills", responses=READ_ERRORS, security=_SEC, tags=["orders"],
-     summary="Recent fills of the account, newest first")
+     summary="Fills of the account from the ledger (survives restarts), newest first or paged forward")
 async def fills(request: Request[Any, Any, Any], symbol: Annotated[str | None, Parameter(query="symbol")] = None,
-                order_id: Annotated[int | None, Parameter(query="orderId", ge=1)] = None,
+                order_id: Annotated[int | None, Parameter(query="orderId", ge=1, le=2**63 - 1)] = None,
+                start_time: Annotated[int | None, Parameter(query="startTime", ge=0, le=2**62)] = None,
+                end_time: Annotated[int | None, Parameter(query="endTime", ge=0, le=2**62)] = None,
+                from_id: Annotated[int | None, Parameter(query="fromId", ge=0, le=2**62,
+                                                         description="trade id to page forward from (needs "
+                                                                     "symbol); answers oldest first")] = None,
                 limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 100) -> Response[list[FillOut]]:
     st = edge_state(request)
     p = await st.authenticate(request, "read")
-    assert st.core is not None
     if symbol is not None:
         _market(st, symbol)
-    rows = st.core.fills(p.account_id, symbol, limit, order_id=order_id)
+    rows = await fills_history(st, FillQuery(p.account_id, symbol, order_id, start_time, end_time, from_id, limit))
     return json_response([fill_out(f, st.markets[f.symbol]) for f in rows if f.symbol in st.markets])
 
 

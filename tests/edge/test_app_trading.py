@@ -5,82 +5,22 @@ CCXT `binance` class and python-binance."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core.bus import cmd_subject
-from core.wire import Deposit, encode_request
 from edge.auth import signed_headers
-from spotex.testing import Stack, stack
+from tests.edge.stackenv import USD, Env
 
 pytestmark = pytest.mark.slow
 
 
-def _raw_pub(k: Ed25519PrivateKey) -> str:
-    return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-
-
-class Env:
-    def __init__(self, st: Stack, op: Ed25519PrivateKey) -> None:
-        self.st = st
-        self.op = op
-        self.op_pub = _raw_pub(op)
-        comps = {c["name"]: c["endpoint"] for c in st.status()["components"]}
-        self.edge = comps["edge"]
-        self.nats = comps["nats"]
-
-    def key(self, account: int, scopes: str = "read,trade") -> dict[str, Any]:
-        res = self.st.cli("keys", "create", "--account", str(account), "--scopes", scopes, "--json", check=True)
-        return dict(json.loads(res.stdout))
-
-    def fund(self, account: int, amounts: dict[str, int]) -> None:
-        import nats
-
-        async def go() -> None:
-            nc = await nats.connect(self.nats)
-            js = nc.jetstream()
-            for asset, amt in amounts.items():
-                cmd = Deposit(account_id=account, asset=asset, amount=amt)
-                await js.publish(cmd_subject(None), encode_request(cmd),
-                                 headers={"Nats-Msg-Id": f"fund-{account}-{asset}-{time.time_ns()}"})
-            await nc.close()
-
-        asyncio.run(go())
-        time.sleep(0.3)
-
-    def req(self, key: dict[str, Any], method: str, path: str, body: Any = None,
-            headers: dict[str, str] | None = None) -> httpx.Response:
-        b = json.dumps(body).encode() if body is not None else b""
-        h = signed_headers(key["api_key"], key["secret"], method, path, b)
-        h["content-type"] = "application/json"
-        h.update(headers or {})
-        return httpx.request(method, self.edge + path, content=b, headers=h, timeout=10)
-
-    def admin(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        b = json.dumps(body).encode() if body is not None else b""
-        h = signed_headers(self.op_pub, self.op, method, path, b)
-        h["content-type"] = "application/json"
-        return httpx.request(method, self.edge + path, content=b, headers=h, timeout=10)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    op = Ed25519PrivateKey.generate()
-    admin_keys = json.dumps({_raw_pub(op): ["operator", "approver", "viewer"]})
-    data_dir: Path = tmp_path_factory.mktemp("edge") / "stack"
-    with stack(data_dir, env={"SPOTEX_SECURITY__ADMIN_KEYS": admin_keys}) as st:
-        yield Env(st, op)
-
-
-USD = 10**8
+def env(edge_env: Env) -> Env:
+    return edge_env
 
 
 def _problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -281,3 +221,92 @@ def test_python_binance(env: Env) -> None:
     with pytest.raises(binance.exceptions.BinanceAPIException) as ei:
         c.get_order(symbol="BTCUSDT", orderId=123456789)
     assert ei.value.code == -2013
+
+
+def test_fills_come_from_the_ledger_survive_an_edge_restart_and_page(env: Env) -> None:
+    maker, taker = env.key(2030), env.key(2031)
+    env.fund(2030, {"ETH": 100 * USD})
+    env.fund(2031, {"USDT": 1_000_000 * USD})
+    r = env.req(maker, "POST", "/v1/orders", {"symbol": "ETH-USDT", "side": "SELL", "price": "2000.00",
+                                              "quantity": "10", "clientOrderId": "mk-1"})
+    assert r.status_code == 201, r.text
+    maker_oid = r.json()["orderId"]
+    taken = []
+    for i in range(5):
+        r = env.req(taker, "POST", "/v1/orders", {"symbol": "ETH-USDT", "side": "BUY", "price": "2000.00",
+                                                  "quantity": f"0.{i + 1}", "timeInForce": "IOC"})
+        assert r.status_code == 201 and r.json()["status"] == "FILLED", r.text
+        taken.append(r.json()["fills"][0])
+    ids = [f["tradeId"] for f in taken]
+    assert ids == sorted(ids)
+    before = env.req(taker, "GET", "/v1/fills?symbol=ETH-USDT").json()
+    assert [f["tradeId"] for f in before] == ids[::-1]
+
+    # Wait for the ledger (the book of record) to settle them, then kill the edge and its memory.
+    deadline = time.monotonic() + 60
+    while env.settled_fills(2031) < 5 or env.settled_fills(2030) < 5:
+        assert time.monotonic() < deadline, "the ledger did not settle the trades"
+        time.sleep(0.3)
+    env.restart_edge()
+
+    after = env.req(taker, "GET", "/v1/fills?symbol=ETH-USDT").json()
+    assert [f["tradeId"] for f in after] == ids[::-1]
+    for got, want in zip(after[::-1], taken, strict=True):
+        assert {k: got[k] for k in ("price", "quantity", "quoteQuantity", "fee", "feeAsset", "side", "maker")} == \
+            {k: want[k] for k in ("price", "quantity", "quoteQuantity", "fee", "feeAsset", "side", "maker")}
+    mk = env.req(maker, "GET", f"/v1/fills?orderId={maker_oid}").json()
+    assert [f["tradeId"] for f in mk] == ids[::-1] and all(f["maker"] and f["side"] == "SELL" for f in mk)
+    assert all(f["feeAsset"] == "USDT" for f in mk)  # the seller pays in quote
+    # Paging: newest first by limit; forward from a trade id (oldest first); a time window.
+    assert [f["tradeId"] for f in env.req(taker, "GET", "/v1/fills?symbol=ETH-USDT&limit=2").json()] == ids[:2:-1]
+    page = env.req(taker, "GET", f"/v1/fills?symbol=ETH-USDT&fromId={ids[1]}&limit=2").json()
+    assert [f["tradeId"] for f in page] == ids[1:3]
+    page = env.req(taker, "GET", f"/v1/fills?symbol=ETH-USDT&fromId={ids[3]}&limit=10").json()
+    assert [f["tradeId"] for f in page] == ids[3:]
+    t = [f["time"] for f in taken]
+    window = env.req(taker, "GET", f"/v1/fills?startTime={t[0]}&endTime={t[4]}").json()
+    assert {f["tradeId"] for f in window} == set(ids)
+    assert env.req(taker, "GET", f"/v1/fills?startTime={t[4] + 1}").json() == []
+    _problem(env.req(taker, "GET", f"/v1/fills?fromId={ids[0]}"), 400, "VALIDATION")
+    _problem(env.req(taker, "GET", f"/v1/fills?startTime={t[4]}&endTime={t[0] - 1}"), 400, "VALIDATION")
+
+
+def test_binance_my_trades_from_the_ledger(env: Env) -> None:
+    """Runs after the restart above: every trade it reads comes from PostgreSQL, none from memory."""
+    binance = pytest.importorskip("binance")
+    k = env.key(2031, "read")  # a new key of the taker's account
+    c = binance.Client(k["api_key"], k["secret"], ping=False)
+    c.API_URL = env.edge + "/api"
+    trades = c.get_my_trades(symbol="ETHUSDT")
+    assert len(trades) == 5 and [t["id"] for t in trades] == sorted(t["id"] for t in trades)
+    assert all(t["isBuyer"] and not t["isMaker"] and t["commissionAsset"] == "ETH" for t in trades)
+    assert [t["qty"] for t in trades] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000"]
+    page = c.get_my_trades(symbol="ETHUSDT", fromId=trades[2]["id"], limit=2)
+    assert [t["id"] for t in page] == [trades[2]["id"], trades[3]["id"]]
+    last2 = c.get_my_trades(symbol="ETHUSDT", limit=2)
+    assert [t["id"] for t in last2] == [trades[3]["id"], trades[4]["id"]]
+
+
+def test_withdrawals_halt_state_is_known_after_an_edge_restart(env: Env) -> None:
+    """The status summary's withdrawalsHalted is not only this edge's memory of the last event: a
+    restarted edge reads the state from the core's status or the ledger's copy of the flag."""
+
+    async def ledger_flag() -> str | None:
+        conn = await asyncpg.connect(env.pg_dsn())
+        try:
+            v = await conn.fetchval("SELECT value FROM ledger_core_flags WHERE name = 'withdrawals_halt'")
+            return None if v is None else str(v)
+        finally:
+            await conn.close()
+
+    for on in (True, False):
+        r = env.admin("POST", "/v1/admin/withdrawals/halt", {"on": on, "reason": "state drill", "ticket": "INC-9"})
+        assert r.status_code == 200 and r.json()["withdrawalsHalted"] is on, r.text
+        deadline = time.monotonic() + 30
+        while asyncio.run(ledger_flag()) != ("on" if on else "off"):
+            assert time.monotonic() < deadline, "the ledger did not record the flag"
+            time.sleep(0.2)
+        env.restart_edge()
+        st = env.admin("GET", "/v1/admin/status")
+        assert st.status_code == 200, st.text
+        assert st.json()["withdrawalsHalted"] is on

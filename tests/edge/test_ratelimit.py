@@ -1,13 +1,21 @@
-"""Token buckets per API key and per IP, driven by a fake clock."""
+"""Token buckets per API key and per IP, driven by a fake clock; then the same limits reached over real
+HTTP against a real edge: 429 problem+json with RateLimit headers and Retry-After, unknown keys
+limited per IP, and the drops counter."""
 
 from __future__ import annotations
 
+import secrets
+import time
+from collections.abc import Callable
+
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from edge.errors import SpotexError, to_problem
 from edge.ratelimit import EdgeRateLimiter, TokenBucketLimiter
 from spotex.config import EdgeSection
+from tests.edge.stackenv import IP_RATE, KEY_BURST, Env
 
 
 class Clock:
@@ -119,3 +127,97 @@ def test_from_config() -> None:
                                       clock=Clock())
     assert lim.per_key.burst == 7 and lim.per_key.rate == 5
     assert lim.per_ip.burst == 6 and lim.per_ip.rate == 3
+
+
+# --- over real HTTP against a real edge (`spotex up`, tests/edge/stackenv.py: key 20/s burst 40, IP 20/s burst 40) --
+
+
+def _edge_drops(env: Env, scope: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(env.edge + "/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "ratelimit_drops_total" and s.labels.get("scope") == scope:
+                return float(s.value)
+    return 0.0
+
+
+def _until_429(send: Callable[[], httpx.Response], tries: int = 2_000) -> tuple[list[httpx.Response], httpx.Response]:
+    """Send until the first 429 (a bucket of 40 refilling at 20/s empties within tries on any machine
+    that answers faster than 20 req/s); returns the answers before it and the 429."""
+    ok: list[httpx.Response] = []
+    for _ in range(tries):
+        r = send()
+        if r.status_code == 429:
+            return ok, r
+        ok.append(r)
+    raise AssertionError(f"no 429 after {tries} requests: last {ok[-1].status_code} {ok[-1].headers}")
+
+
+def _assert_429(r: httpx.Response, limit: int) -> None:
+    assert r.status_code == 429, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["code"] == "RATE_LIMITED"
+    assert r.headers["ratelimit-limit"] == str(limit)
+    assert r.headers["ratelimit-remaining"] == "0"
+    assert int(r.headers["retry-after"]) >= 1 and int(r.headers["ratelimit-reset"]) >= 1
+
+
+@pytest.mark.slow
+def test_per_key_limit_over_http(edge_env: Env) -> None:
+    k, other = edge_env.key(4201, "read"), edge_env.key(4201, "read")
+    before = _edge_drops(edge_env, "key")
+    with edge_env.client_from("127.0.0.2") as c:
+        ok, denied = _until_429(lambda: edge_env.req(k, "GET", "/v1/account/balances", client=c))
+        assert len(ok) >= KEY_BURST - 1 and all(r.status_code == 200 for r in ok)
+        # Successful answers carry the key's bucket: limit = burst, remaining counting down.
+        assert ok[0].headers["ratelimit-limit"] == str(KEY_BURST)
+        assert int(ok[0].headers["ratelimit-remaining"]) > int(ok[-1].headers["ratelimit-remaining"])
+        _assert_429(denied, KEY_BURST)
+        assert "key rate limit" in denied.json()["detail"]
+        more = [edge_env.req(k, "GET", "/v1/account/balances", client=c) for _ in range(5)]
+        n429 = 1 + sum(r.status_code == 429 for r in more)
+        # Another key of the same account, from the same IP, has its own bucket.
+        assert edge_env.req(other, "GET", "/v1/account/balances", client=c).status_code == 200
+        # Each refused request is one drop (no double count between the app and the limiter).
+        assert _edge_drops(edge_env, "key") == before + n429
+        time.sleep(int(denied.headers["retry-after"]))
+        assert edge_env.req(k, "GET", "/v1/account/balances", client=c).status_code == 200
+
+
+@pytest.mark.slow
+def test_per_ip_limit_on_public_routes_over_http(edge_env: Env) -> None:
+    before = _edge_drops(edge_env, "ip")
+    with edge_env.client_from("127.0.0.3") as c:
+        ok, denied = _until_429(lambda: c.get(edge_env.edge + "/v1/markets"))
+        assert all(r.status_code == 200 for r in ok) and ok[0].headers["ratelimit-limit"] == str(2 * IP_RATE)
+        _assert_429(denied, 2 * IP_RATE)
+        # The Binance facade shares the IP's bucket and answers Binance's way.
+        b = c.get(edge_env.edge + "/api/v3/ping")
+        n429 = 1
+        if b.status_code == 429:
+            n429 += 1
+            assert b.json()["code"] == -1003 and int(b.headers["retry-after"]) >= 1
+        assert _edge_drops(edge_env, "ip") == before + n429
+    # Other sources are unaffected.
+    with edge_env.client_from("127.0.0.5") as c:
+        assert c.get(edge_env.edge + "/v1/markets").status_code == 200
+
+
+@pytest.mark.slow
+def test_unknown_keys_are_limited_per_ip_over_http(edge_env: Env) -> None:
+    fake = {"api_key": "unknownkey" + secrets.token_hex(8), "secret": secrets.token_hex(32)}
+    valid = edge_env.key(4202, "read")
+    with edge_env.client_from("127.0.0.4") as c:
+        ok, denied = _until_429(lambda: edge_env.req(fake, "GET", "/v1/account/balances", client=c))
+        assert ok and all(r.status_code == 401 and r.json()["code"] == "AUTH_UNKNOWN_KEY" for r in ok)
+        _assert_429(denied, 2 * IP_RATE)
+        assert "ip rate limit" in denied.json()["detail"]
+        # While the IP's bucket is empty, everything from it is refused before any signature work,
+        # a valid key included (docs/security.md section 4).
+        r = edge_env.req(valid, "GET", "/v1/account/balances", client=c)
+        assert r.status_code == 429 and r.json()["code"] == "RATE_LIMITED"
+    # The same valid key from another address is served: the guessing did not touch its bucket.
+    with edge_env.client_from("127.0.0.6") as c:
+        assert edge_env.req(valid, "GET", "/v1/account/balances", client=c).status_code == 200
