@@ -41,8 +41,38 @@ def register(main: click.Group) -> None:
         from jobs.verify_export import verify
 
         cfg, data, ep = _env(data_dir, config)
-        rep = asyncio.run(verify(ep.nats_url, bootstrap or ep.kafka_bootstrap, prefix or cfg.kafka.topic_prefix,
-                                 cfg.nats.evt_stream))
+
+        async def exporter_state() -> dict[str, Any] | None:
+            """The stack's exporter /status, None when it does not answer (or reading another prefix)."""
+            import httpx
+
+            if prefix not in (None, cfg.kafka.topic_prefix) or bootstrap not in (None, ep.kafka_bootstrap):
+                return None
+            try:
+                async with httpx.AsyncClient(timeout=3) as c:
+                    r = await c.get(ep.probe_url("exporter") + "/status")
+                return dict(r.json()) if r.status_code == 200 else None
+            except (KeyError, httpx.HTTPError, ValueError):
+                return None
+
+        async def go() -> dict[str, Any]:
+            before = await exporter_state()
+            rep = await verify(ep.nats_url, bootstrap or ep.kafka_bootstrap, prefix or cfg.kafka.topic_prefix,
+                               cfg.nats.evt_stream)
+            after = await exporter_state()
+            # Settled: nothing left to export and no loss check or re-export pending, before and after
+            # the read-back. Missing events seen while it is not settled may still be on their way.
+            settled: bool | None = None
+            if before is not None and after is not None:
+                settled = before.get("rewinds") == after.get("rewinds") and all(
+                    int(st.get("backlog_messages", 1)) == 0 and not st.get("rewind_pending")
+                    and not st.get("loss_check_due") for st in (before, after))
+            rep["exporter_settled"] = settled
+            keys = ("backlog_messages", "rewinds", "rewind_pending", "loss_check_due", "broker_reachable")
+            rep["exporter"] = {k: after.get(k) for k in keys} if after is not None else None
+            return rep
+
+        rep = asyncio.run(go())
         ev = data.root / "evidence" / "jobs"
         ev.mkdir(parents=True, exist_ok=True)
         (ev / "export-verify-latest.json").write_text(json.dumps(rep, indent=2, sort_keys=True))
@@ -51,6 +81,11 @@ def register(main: click.Group) -> None:
         else:
             for k in ("evt_events", "kafka_records", "missing", "duplicates", "unexpected"):
                 click.echo(f"export_{k}={rep[k]}")
+            settled = rep["exporter_settled"]
+            click.echo(f"export_exporter_settled={'unknown' if settled is None else str(settled).lower()}")
+            if rep["missing"] and settled is False:
+                click.echo("spotex: the exporter was still exporting (backlog or re-export); run verify again once "
+                           "its backlog is 0", err=True)
             click.echo(f"export_verify_ok={'true' if rep['ok'] else 'false'}")
         sys.exit(0 if rep["ok"] else 1)
 

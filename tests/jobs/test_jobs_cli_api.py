@@ -159,3 +159,23 @@ def test_one_run_per_job_whoever_starts_it(nats_srv: RunningServer, pg_dsn: str,
             await close_context(closers)
 
     asyncio.run(go())
+
+
+def test_cli_export_verify_on_the_stack(jobs_stack: tuple[Stack, Any]) -> None:
+    """The stack's own exporter has exported EVT: nothing missing, and verify says it read back a
+    settled export (no backlog, no re-export pending)."""
+    import time
+
+    st, _ = jobs_stack
+    deadline = time.monotonic() + 60
+    while True:
+        res = st.cli("export", "verify")
+        kv = dict(ln.split("=", 1) for ln in res.stdout.splitlines() if "=" in ln)
+        if kv.get("export_exporter_settled") == "true" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert kv["export_verify_ok"] == "true" and kv["export_missing"] == "0" and int(kv["export_evt_events"]) > 0
+    assert kv["export_exporter_settled"] == "true"
+    rep = json.loads((st.data_dir / "evidence" / "jobs" / "export-verify-latest.json").read_text())
+    assert rep["exporter"]["backlog_messages"] == 0 and rep["exporter"]["rewind_pending"] is False
