@@ -192,7 +192,8 @@ def test_ccxt_binance_class(env: Env) -> None:
     assert [x["id"] for x in mk.fetch_open_orders("BTC/USDT")] == [o["id"]]
     public = tk.fetch_trades("BTC/USDT")
     assert public and public[-1]["price"] == 41000.0
-    assert tk.fetch_ohlcv("BTC/USDT", "1m")
+    candle = tk.fetch_ohlcv("BTC/USDT", "1m")[-1]
+    assert candle[4] == 41000.0 and candle[5] >= 0.1  # close, volume
     assert tk.fetch_ticker("BTC/USDT")["last"] == 41000.0
     assert mk.cancel_order(o["id"], "BTC/USDT")["status"] == "canceled"
     with pytest.raises(ccxt.OrderNotFound):
@@ -203,21 +204,48 @@ def test_ccxt_binance_class(env: Env) -> None:
 
 def test_python_binance(env: Env) -> None:
     binance = pytest.importorskip("binance")
-    k = env.key(2020)
+    k, ks = env.key(2020), env.key(2021)
     env.fund(2020, {"USDT": 100_000 * USD})
-    c = binance.Client(k["api_key"], k["secret"], ping=False)
-    c.API_URL = env.edge + "/api"
+    env.fund(2021, {"BTC": 1 * USD})
+
+    def client(key: dict[str, Any]) -> Any:
+        c = binance.Client(key["api_key"], key["secret"], ping=False)
+        c.API_URL = env.edge + "/api"
+        return c
+
+    c, seller = client(k), client(ks)
     info = c.get_symbol_info("BTCUSDT")
     assert info is not None and {f["filterType"] for f in info["filters"]} >= {"PRICE_FILTER", "LOT_SIZE", "NOTIONAL"}
     o = c.create_order(symbol="BTCUSDT", side="BUY", type="LIMIT", timeInForce="GTC", quantity="0.01",
                        price="39000.00")
     assert o["status"] == "NEW"
     assert c.get_order(symbol="BTCUSDT", orderId=o["orderId"])["status"] == "NEW"
-    assert len(c.get_open_orders(symbol="BTCUSDT")) == 1
+    assert [x["orderId"] for x in c.get_open_orders(symbol="BTCUSDT")] == [o["orderId"]]
+    book = c.get_order_book(symbol="BTCUSDT")
+    assert book["lastUpdateId"] > 0 and book["bids"][0] == ["39000.00", "0.01000"]
     acct = c.get_account()
-    assert {b["asset"]: b for b in acct["balances"]}["USDT"]["locked"] != "0.00000000"
+    assert {b["asset"]: b for b in acct["balances"]}["USDT"]["locked"] == "390.00000000"
+    # Another client takes part of it: a public trade, a candle, a fill on each side.
+    s = seller.create_order(symbol="BTCUSDT", side="SELL", type="LIMIT", timeInForce="IOC", quantity="0.004",
+                            price="39000.00")
+    assert s["status"] == "FILLED" and s["executedQty"] == "0.00400" and len(s["fills"]) == 1
+    trade_id = s["fills"][0]["tradeId"]
+    last = c.get_recent_trades(symbol="BTCUSDT")[-1]
+    assert last["id"] == trade_id and last["price"] == "39000.00" and last["qty"] == "0.00400"
+    assert last["isBuyerMaker"] is True
+    kline = c.get_klines(symbol="BTCUSDT", interval="1m")[-1]
+    assert kline[4] == "39000.00" and float(kline[5]) >= 0.004
+    mine = c.get_my_trades(symbol="BTCUSDT")[-1]
+    assert mine["id"] == trade_id and mine["orderId"] == o["orderId"] and mine["isBuyer"] and mine["isMaker"]
+    assert mine["commission"] == "0.00000400" and mine["commissionAsset"] == "BTC"  # maker 10 bps, in base
+    theirs = seller.get_my_trades(symbol="BTCUSDT")[-1]
+    assert theirs["id"] == trade_id and not theirs["isBuyer"] and not theirs["isMaker"]
+    q = c.get_order(symbol="BTCUSDT", orderId=o["orderId"])
+    assert q["status"] == "PARTIALLY_FILLED" and q["executedQty"] == "0.00400"
     assert c.cancel_order(symbol="BTCUSDT", orderId=o["orderId"])["status"] == "CANCELED"
-    assert c.get_order_book(symbol="BTCUSDT")["lastUpdateId"] >= 0
+    assert c.get_open_orders(symbol="BTCUSDT") == []
+    bal = {b["asset"]: b for b in c.get_account()["balances"]}
+    assert bal["BTC"]["free"] == "0.00399600" and bal["USDT"]["locked"] == "0.00000000"
     with pytest.raises(binance.exceptions.BinanceAPIException) as ei:
         c.get_order(symbol="BTCUSDT", orderId=123456789)
     assert ei.value.code == -2013
