@@ -756,6 +756,7 @@ class CoreNode:
             "role": self.role,
             "last_seq": self.engine.last_seq,
             "fencing_token": self.token,
+            "withdrawals_halted": self.engine.withdrawals_halted,
             "stream_seqs": dict(self.engine.stream_seqs()),
             "fenced": self.fenced,
             "divergence": self.divergence[-10:],

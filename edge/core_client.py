@@ -115,6 +115,8 @@ class CoreClient:
         self._fills: OrderedDict[int, deque[Fill]] = OrderedDict()
         # account -> client order id -> order id, learned from OrderAccepted (for fills' coids)
         self._coids: dict[int, str] = {}
+        # order id -> quote filled so far, from the trades this process saw (cancel/get answers)
+        self._order_quote: dict[int, int] = {}
         self.last_event_ms = 0
         self.listeners: list[Callable[[list[Event]], None]] = []
 
@@ -175,6 +177,12 @@ class CoreClient:
                 base = m.base if m else ""
                 quote = m.quote if m else ""
                 taker_buy = ev.taker_side == "BUY"
+                oq = self._order_quote
+                oq[ev.taker_order_id] = oq.get(ev.taker_order_id, 0) + ev.quote_amount
+                oq[ev.maker_order_id] = oq.get(ev.maker_order_id, 0) + ev.quote_amount
+                if len(oq) > 1_000_000:
+                    for k in list(oq)[:100_000]:
+                        del oq[k]
                 for acct, oid, side, maker, fee, fee_asset in (
                     (ev.taker_account_id, ev.taker_order_id, "BUY" if taker_buy else "SELL", False,
                      ev.taker_fee, ev.taker_fee_asset or (base if taker_buy else quote)),
@@ -195,6 +203,10 @@ class CoreClient:
         else:
             self._fills.move_to_end(account)
         q.append(f)
+
+    def quote_filled(self, order_id: int) -> int | None:
+        """Quote amount filled for an order, from the trades this process has seen (None: none seen)."""
+        return self._order_quote.get(order_id)
 
     def fills(self, account_id: int, symbol: str | None = None, limit: int = 100,
               order_id: int | None = None) -> list[Fill]:

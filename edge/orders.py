@@ -268,9 +268,9 @@ def order_from_view(v: dict[str, Any], m: MarketConfig, st: EdgeState | None = N
     """An order as the core's query returned it (msgpack of ``core.engine.views.OrderView``)."""
     quote_filled: int | None = None
     if st is not None and st.core is not None:
-        fs = st.core.fills(int(v["account_id"]), v["symbol"], 1_000, order_id=int(v["order_id"]))
-        if fs or not v["filled_qty_lots"]:
-            quote_filled = sum(f.quote_amount for f in fs)
+        quote_filled = st.core.quote_filled(int(v["order_id"]))
+        if quote_filled is None and not v["filled_qty_lots"]:
+            quote_filled = 0
     pt = v.get("price_ticks")
     qa = v.get("quote_amount")
     return OrderOut(
