@@ -40,6 +40,8 @@ log = logging.getLogger("core.recovery")
 # How many CMD stream sequences a node remembers for de-duplicating redeliveries. A redelivery
 # happens within the consumer's AckWait of the original delivery, far inside this window.
 SOURCE_WINDOW = 500_000
+# recover() folds replayed source seqs into the window in chunks of this many (memory bound).
+_FOLD_EVERY = 1 << 18
 
 
 class JournalRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -158,6 +160,9 @@ def recover(
             last_ts = cmd.ts_ms
         if rec.source_seq:
             add_source((rec.source_seq, seq))
+            if len(sources) >= _FOLD_EVERY:  # bounded memory on a long tail
+                _fold_sources(state, sources)
+                sources.clear()
         if keep is not None:
             keep(evs)
         if on_events is not None:

@@ -68,9 +68,11 @@ def _write_wal(core_dir: Path, recs: list[JournalRecord]) -> None:
 
 @pytest.mark.parametrize("window", [5, 40, 10_000])
 @pytest.mark.parametrize("repeat", [False, True])
+@pytest.mark.parametrize("fold_every", [3, 50, 1 << 18])
 def test_recovered_sources_equal_record_by_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  window: int, repeat: bool) -> None:
+                                                  window: int, repeat: bool, fold_every: int) -> None:
     monkeypatch.setattr(recovery, "SOURCE_WINDOW", window)
+    monkeypatch.setattr(recovery, "_FOLD_EVERY", fold_every)
     stream = _stream(5, 120)
     recs = []
     for sc in stream:
