@@ -140,10 +140,9 @@ class JobsSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     freshness_cron: str = "*/15 * * * *"
     webhook_url: str | None = None
     webhook_secret: str | None = None
-    # jobs/checks.py: a JSON budgets file (None: the built-in DEFAULT_BUDGETS), the settlement lag
-    # limit, and the anomaly detector's thresholds (origin defaults).
+    # jobs/checks.py: a JSON budgets file (None: the built-in DEFAULT_BUDGETS) and the anomaly
+    # detector's thresholds (origin defaults). The settlement lag policy uses the [ledger] thresholds.
     budgets_file: str | None = None
-    settlement_lag_max_events: int = 1_000
     anomaly_reconciliation_lag_threshold: float = 10
     anomaly_latch_breach_threshold: float = 1
     anomaly_ws_drops_threshold: float = 100
