@@ -62,7 +62,8 @@ async def _serve(clients: int, step_s: float, offered: list[int]) -> None:
     md.ready.set()
     hub = WsHub(md, WsLimits(max_connections_per_ip=10**6, commands_per_s=1000, commands_burst=1000,
                              heartbeat_s=3600, lag_bytes=4 << 20, resume_bytes=1 << 20, slow_close_s=3600,
-                             slow_episodes=10**6), None)
+                             slow_episodes=10**6,
+                             write_threads=int(os.environ.get("BENCH_WS_WRITE_THREADS", "1"))), None)
     edge = await LocalEdge(md, hub).start()
     print(f"PORT {edge.port}", flush=True)
     deadline = time.monotonic() + 180
@@ -137,6 +138,8 @@ async def _serve(clients: int, step_s: float, offered: list[int]) -> None:
         ru0 = ru1
         ft = sorted(hub.flush_times)
         hub.flush_times.clear()
+        pl = sorted(hub.publish_lags)
+        hub.publish_lags.clear()
         lagging = sum(1 for c in hub.conns if c.lagging)
         print(json.dumps({
             "offered_frames_per_s": off, "events_per_s_per_symbol": round(per_sym, 2), "t0": w0,
@@ -147,6 +150,9 @@ async def _serve(clients: int, step_s: float, offered: list[int]) -> None:
             "server_cpu_user_s": round(cpu[0], 2), "server_cpu_sys_s": round(cpu[1], 2), "flushes": len(ft),
             "flush_p50_ms": round(ft[len(ft) // 2] * 1000, 1) if ft else None,
             "flush_max_ms": round(ft[-1] * 1000, 1) if ft else None,
+            # Server side only: trade event time -> the end of the flush that wrote it (oldest trade per flush).
+            "publish_lag_p50_ms": round(pl[len(pl) // 2] * 1000, 1) if pl else None,
+            "publish_lag_max_ms": round(pl[-1] * 1000, 1) if pl else None,
         }), flush=True)
         if st["dropped"] - before["dropped"] > 0:
             break
@@ -330,7 +336,7 @@ def run(clients: int = 10_000, sample: int = 100, step_s: float = 3.0,
         fps = st["frames"] / st["seconds"] if st["seconds"] else 0.0
         row = {**{k: st[k] for k in ("offered_frames_per_s", "events_per_s_per_symbol", "frames", "writes", "dropped",
                                      "lagging", "max_loop_late_ms", "flushes", "server_cpu_user_s", "server_cpu_sys_s",
-                                     "flush_p50_ms", "flush_max_ms")},
+                                     "flush_p50_ms", "flush_max_ms", "publish_lag_p50_ms", "publish_lag_max_ms")},
                "frames_per_s": round(fps), "p50_ms": _pct(w, 0.5), "p99_ms": _pct(w, 0.99), "samples": len(w)}
         steps.append(row)
         if st["dropped"] == 0 and st["lagging"] == 0 and w and row["p99_ms"] <= 100 and (

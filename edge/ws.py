@@ -8,13 +8,17 @@ How it stays cheap (one ASGI ``send`` costs ~40 us here):
 - Every update is encoded ONCE per channel (a channel is ``trades|book|ticker|candles`` x symbol x
   depth/interval), appended to the channel's pending list and to its resume ring.
 - A flush task wakes when anything is pending, waits ``flush_ms`` to let a batch form, then joins
-  each channel's pending frames into one blob, gives the blob to every subscriber and writes each
-  connection's blobs with ONE ``transport.write`` of pre-framed WebSocket bytes (server frames are
-  unmasked, so a frame is just a 2-10 byte header + the JSON). Under load a flush carries more frames,
-  so the write count follows the number of connections, not the number of frames.
+  each channel's pending frames into one blob of pre-framed WebSocket bytes (server frames are
+  unmasked, so a frame is just a 2-10 byte header + the JSON). Connections with the same subscriptions
+  form a group: the group's blobs are joined once and the same buffer is written to each member, one
+  write per connection per flush. Under load a flush carries more frames, so the write count follows
+  the number of connections, not the number of frames.
 - The raw path uses the asyncio transport of the ASGI server's protocol (uvicorn's three WebSocket
   implementations all expose it); under a server that does not, each connection falls back to a
-  bounded queue drained by ``send`` calls.
+  bounded queue drained by ``send`` calls. A connection with nothing buffered in its transport is
+  written with ``os.write`` during the flush (uvloop's ``write`` only queues, and runs every send later
+  in one callback with the GIL held); with many such sockets a helper thread writes half of them, so
+  the kernel's per-send work (most of a flush's cost) runs on two cores.
 
 Backpressure: a connection whose kernel+transport backlog exceeds ``lag_bytes`` is LAGGING: its
 frames are dropped (counted per channel), and once the backlog drains it gets, per affected channel,
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -83,6 +88,9 @@ WS_ERRORS = Counter("ws_errors_total", "Error frames sent, by code", ["code"])
 WS_FLUSH = Histogram("ws_flush_seconds", "Duration of one fan-out flush (all connections)",
                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 WS_OVERLOAD = Gauge("ws_overload_mode", "1 while book/ticker/candle conflation is on")
+WS_PUBLISH_LAG = Histogram("ws_trade_publish_lag_seconds",
+                           "Trade event time to the end of the flush that wrote it to every subscriber (per flush, "
+                           "the oldest trade in it)", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
@@ -104,6 +112,10 @@ class WsLimits(msgspec.Struct, frozen=True, kw_only=True):
     close_grace_s: float = 5.0  # a closing client has this long to read its backlog + Shutdown + close frame
     ring_frames: int = 4_096  # resume buffer per channel
     fallback_queue: int = 2_048  # frames, when the raw transport is not available
+    # Sockets written straight from the flush (os.write, GIL released) by the loop thread plus this
+    # many helper threads, so the kernel's per-send work runs on several cores; 0 = one core only.
+    write_threads: int = 1
+    direct_min: int = 1_024  # connections in one flush before the helper threads are used
     default_depth: int = 50
     overload_depth: int = 20
     overload: bool = False
@@ -156,9 +168,11 @@ class _Channel:
         "conf_book",
         "conf_candles",
         "dirty",
+        "groups",
         "key",
         "last_seq",
         "new_subs",
+        "oldest_ts",
         "pending",
         "pending_seqs",
         "ring",
@@ -180,6 +194,8 @@ class _Channel:
         self.conf_candles: dict[int, Any] = {}
         self.view_bids: set[int] = set()
         self.view_asks: set[int] = set()
+        self.groups: set[_Group] = set()  # subscription groups that include this channel
+        self.oldest_ts = 0  # event time (ms) of the oldest pending trade frame, for the publish-lag metric
 
     def push(self, seq: int, payload: bytes, *, keep: bool = True) -> None:
         if keep:
@@ -195,10 +211,24 @@ class _Channel:
         return bool(self.ring) and self.ring[0][1] <= last_seq < self.last_seq
 
 
+class _Group:
+    """Connections with exactly the same subscriptions. They receive the same bytes in every flush,
+    so the group's frames are joined once and the same buffer is written to each member."""
+
+    __slots__ = ("chans", "conns", "keys")
+
+    def __init__(self, keys: frozenset[Key], chans: list[_Channel]) -> None:
+        self.keys = keys
+        self.chans = chans
+        self.conns: set[_Conn] = set()
+
+
 class _Conn:
     __slots__ = (
         "closed",
+        "fd",
         "frames",
+        "group",
         "id",
         "ip",
         "lag_since",
@@ -240,6 +270,8 @@ class _Conn:
         self.frames = 0
         self.out_n = 0
         self.logon_pending = False
+        self.group: _Group | None = None
+        self.fd = -1  # the socket's descriptor, for direct writes (-1: only through the transport)
 
     def backlog(self) -> int:
         if self.transport is not None:
@@ -272,6 +304,20 @@ def _transport_of(send: Any, depth: int = 0) -> Any:
     return None
 
 
+def _write_many(items: list[tuple[_Conn, bytes]]) -> list[int]:
+    """Bytes the kernel took per item (0 when the socket buffer is full, -1 on an error)."""
+    out: list[int] = []
+    write = os.write
+    for conn, data in items:
+        try:
+            out.append(write(conn.fd, data))
+        except BlockingIOError:
+            out.append(0)
+        except OSError:
+            out.append(-1)
+    return out
+
+
 class WsHub:
     """WebSocket fan-out. ``WsHub(md, cfg, verifier)``; ``handlers()`` gives the Litestar route."""
 
@@ -285,9 +331,11 @@ class WsHub:
         self.by_ip: dict[str, int] = {}
         self.channels: dict[Key, _Channel] = {}
         self.dirty_channels: set[_Channel] = set()
+        self.groups: dict[frozenset[Key], _Group] = {}
         self.stats: dict[str, int] = {"frames_out": 0, "bytes_out": 0, "writes": 0, "dropped": 0, "resume_gaps": 0,
                                       "closes": 0,
-                                      "slow_consumer_closes": 0, "missed_notices": 0}
+                                      "slow_consumer_closes": 0, "missed_notices": 0, "direct_writes": 0,
+                                      "helper_flushes": 0}
         self.closes: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -297,7 +345,9 @@ class WsHub:
         self._private_n = 0
         self._lagging = 0  # connections currently LAGGING
         self._closing: set[_Conn] = set()
+        self._pool: Any = None
         self.flush_times: deque[float] = deque(maxlen=4096)
+        self.publish_lags: deque[float] = deque(maxlen=4096)  # seconds, per flush that carried trades
         md.listeners.append(self._on_update)
         for s in md.symbols():
             self._channel(("trades", s, None))
@@ -328,6 +378,10 @@ class WsHub:
                 ch.last_seq = snap.seq
                 ch.view_bids, ch.view_asks = {p for p, _ in snap.bids}, {p for p, _ in snap.asks}
         self._running = True
+        if self.limits.write_threads > 0 and self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.limits.write_threads, thread_name_prefix="ws-write")
         self._tasks = [asyncio.create_task(self._flush_loop(), name="ws-flush"),
                        asyncio.create_task(self._heartbeat_loop(), name="ws-heartbeat")]
 
@@ -342,6 +396,9 @@ class WsHub:
         self._tasks = []
         await asyncio.gather(*(self._close(c, 1001, "SHUTDOWN") for c in list(self.conns)),
                              return_exceptions=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def set_overload(self, on: bool) -> None:
         """Runtime toggle (admin API): conflate book/ticker/candles and lower the default depth."""
@@ -388,6 +445,7 @@ class WsHub:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self.limits.sndbuf_bytes:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.sndbuf_bytes)
+                conn.fd = int(sock.fileno())
         conn.tokens = float(self.limits.commands_burst)
         conn.tok_ts = time.monotonic()
         if conn.transport is None:
@@ -440,9 +498,33 @@ class WsHub:
                 ch.subs.discard(conn)
                 ch.new_subs.pop(conn, None)
         conn.subs.clear()
+        self._regroup(conn)
         if conn.sender is not None:
             conn.sender.cancel()
         WS_CLIENTS.set(len(self.conns))
+
+    def _regroup(self, conn: _Conn) -> None:
+        """Move ``conn`` to the group of its current subscription set (none when it has none)."""
+        old = conn.group
+        keys = frozenset(conn.subs) if not conn.closed and conn in self.conns else frozenset()
+        if old is not None and old.keys == keys:
+            return
+        if old is not None:
+            old.conns.discard(conn)
+            if not old.conns:
+                del self.groups[old.keys]
+                for ch in old.chans:
+                    ch.groups.discard(old)
+        conn.group = None
+        if not keys:
+            return
+        g = self.groups.get(keys)
+        if g is None:
+            g = self.groups[keys] = _Group(keys, [self.channels[k] for k in keys])
+            for ch in g.chans:
+                ch.groups.add(g)
+        g.conns.add(conn)
+        conn.group = g
 
     def _count_close(self, reason: str) -> None:
         WS_CLOSE.labels(reason).inc()
@@ -608,6 +690,7 @@ class WsHub:
         ch = self._channel(key)
         conn.subs.add(key)
         ch.subs.add(conn)
+        self._regroup(conn)
         if ch.pending:
             ch.new_subs[conn] = len(ch.pending)  # those are older than what we send now
         conn.missed.pop(key, None)
@@ -648,6 +731,7 @@ class WsHub:
             return
         for k in keys:
             self._drop_sub(conn, k)
+        self._regroup(conn)
 
     def _drop_sub(self, conn: _Conn, key: Key) -> None:
         conn.subs.discard(key)
@@ -734,6 +818,8 @@ class WsHub:
             return
         if upd.trades:
             ch = chans.get(("trades", sym, None)) or self._channel(("trades", sym, None))
+            if not ch.pending:
+                ch.oldest_ts = upd.trades[0].ts_ms
             f = self.md.formatter(sym)
             for t in upd.trades:
                 ch.push(t.seq, _payload("TradeExecuted", "trades", sym, t.seq, ch.last_seq, t.ts_ms, trade_json(f, t)))
@@ -907,12 +993,15 @@ class WsHub:
             ch.conf_candles = {}
 
     def flush(self) -> None:
-        """Write everything pending: one blob per channel, one write per connection.
+        """Write everything pending: one blob per channel, one buffer per subscription group, one
+        write per connection.
 
-        The per-connection work is the hot path (10,000 connections x every flush): a list append
-        per channel, then one join, one backlog check and one ``transport.write`` per connection;
-        the bookkeeping a lagging connection needs (which seqs it missed) is one shared tuple per
-        channel, and metrics are updated once per flush."""
+        The per-connection work is the hot path (10,000 connections x every flush). Connections with
+        the same subscriptions form a group (:class:`_Group`) and get the same bytes, so the join is
+        done once per group and each healthy member costs one backlog check and one
+        ``transport.write`` of the shared buffer, with no per-connection allocation. Connections that
+        need more (lagging, closing, just subscribed with frames to skip, the queue fallback) take the
+        general path (:meth:`_write_out`). Metrics are updated once per flush."""
         now = time.monotonic()
         now_ms = _now_ms()
         lim = self.limits
@@ -920,7 +1009,8 @@ class WsHub:
         if conflate_due and self.overload:
             self._last_conflate = now
         keep_dirty: set[_Channel] = set()
-        touched: list[_Conn] = []
+        ready: dict[_Channel, tuple[bytes, list[bytes], list[int], tuple[_Channel, int, int, int]]] = {}
+        special: dict[_Conn, dict[_Channel, int]] = {}  # just subscribed: frames of the channel to skip
         for ch in self.dirty_channels:
             if ch.dirty:
                 state_channel = ch.key[0] in ("ticker", "candles") or (ch.key[0] == "book" and self.overload)
@@ -935,66 +1025,70 @@ class WsHub:
             if not ch.subs:
                 ch.new_subs.clear()
                 continue
-            n = len(pending)
-            blob = b"".join([ws_frame(p) for p in pending])
-            meta = (ch, seqs[0], seqs[-1], n)
-            new_subs = ch.new_subs
-            for conn in ch.subs:
-                if new_subs and conn in new_subs:
-                    skip = new_subs[conn]
-                    if skip >= n or conn.closed:
-                        continue
-                    if not conn.out:
-                        touched.append(conn)
-                    if conn.transport is None:
-                        conn.out.extend(pending[skip:])
-                    else:
-                        conn.out.append(b"".join([ws_frame(p) for p in pending[skip:]]))
-                    conn.out_seqs.append((ch, seqs[skip], seqs[-1], n - skip))
-                    conn.out_n += n - skip
-                    continue
-                out = conn.out
-                if not out:
-                    touched.append(conn)
-                if conn.transport is None:
-                    out.extend(pending)
-                else:
-                    out.append(blob)
-                conn.out_seqs.append(meta)
-                conn.out_n += n
-            if new_subs:
-                new_subs.clear()
+            ready[ch] = (b"".join([ws_frame(p) for p in pending]), pending, seqs,
+                         (ch, seqs[0], seqs[-1], len(pending)))
+            if ch.new_subs:
+                for conn, skip in ch.new_subs.items():
+                    special.setdefault(conn, {})[ch] = skip
+                ch.new_subs.clear()
         self.dirty_channels = keep_dirty
         if keep_dirty:
             self._wake.set()
+        oldest = min((ch.oldest_ts for ch in ready if ch.key[0] == "trades"), default=0)
         frames = writes = nbytes = backlog_max = backlog_total = 0
         lag_bytes = lim.lag_bytes
-        for conn in touched:
-            tr = conn.transport
-            if tr is None or conn.lagging or conn.closed:
-                b = self._write_out(conn, now)
-            else:
-                # Fast path of _write_out: a healthy raw connection.
+        slow: list[_Conn] = []
+        direct: list[tuple[_Conn, bytes]] = []
+        groups = {g for ch in ready for g in ch.groups}
+        for g in groups:
+            parts: list[bytes] = []
+            metas: list[tuple[_Channel, int, int, int]] = []
+            n = 0
+            for ch in g.chans:
+                r = ready.get(ch)
+                if r is not None:
+                    parts.append(r[0])
+                    metas.append(r[3])
+                    n += r[3][3]
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            size = len(data)
+            for conn in g.conns:
+                tr = conn.transport
+                if tr is None or conn.lagging or conn.closed or (special and conn in special):
+                    self._stage(conn, g, ready, special.get(conn))
+                    slow.append(conn)
+                    continue
                 b = tr.get_write_buffer_size()
                 if b > lag_bytes:
-                    self._write_out(conn, now)
+                    conn.out.append(data)
+                    conn.out_seqs.extend(metas)
+                    conn.out_n += n
+                    slow.append(conn)
+                    continue
+                if b == 0 and conn.fd >= 0 and not tr.is_closing():
+                    # A closing transport may have closed its descriptor already (and the number
+                    # be reused by a new connection): only an open one is written directly.
+                    direct.append((conn, data))
                 else:
-                    out = conn.out
-                    data = out[0] if len(out) == 1 else b"".join(out)
                     tr.write(data)
-                    frames += conn.out_n
-                    conn.frames += conn.out_n
-                    nbytes += len(data)
-                    writes += 1
-                    conn.out = []
-                    conn.out_seqs = []
-                    conn.out_n = 0
+                conn.frames += n
+                frames += n
+                nbytes += size
+                writes += 1
+                backlog_total += b
+                if b > backlog_max:
+                    backlog_max = b
+        if direct:
+            self._write_direct(direct)
+        for conn in slow:
+            b = self._write_out(conn, now)
             backlog_total += b
             if b > backlog_max:
                 backlog_max = b
         if self._lagging:
             # Lagging connections that got nothing this round still need to recover or be closed.
-            for conn in [c for c in self.conns if c.lagging and not c.out]:
+            done = set(slow)
+            for conn in [c for c in self.conns if c.lagging and c not in done]:
                 self._write_out(conn, now)
         st = self.stats
         st["frames_out"] += frames
@@ -1005,6 +1099,55 @@ class WsHub:
             WS_WRITES.inc(writes)
         WS_BACKLOG_MAX.set(backlog_max)
         WS_BACKLOG_TOTAL.set(backlog_total)
+        if oldest:
+            lag = max(0.0, (_now_ms() - oldest) / 1000)
+            self.publish_lags.append(lag)
+            WS_PUBLISH_LAG.observe(lag)
+
+    def _write_direct(self, items: list[tuple[_Conn, bytes]]) -> None:
+        """Write to sockets whose transport has nothing buffered, with ``os.write`` (which releases the
+        GIL), half on this thread and half on a helper thread when there are many: the kernel's
+        per-send work (most of a flush's cost) then runs on two cores. The event loop waits here,
+        so nothing else can write to or close these sockets meanwhile; whatever the kernel did not
+        take goes through the transport afterwards, behind the bytes already sent (order kept)."""
+        pool = self._pool
+        if pool is not None and len(items) >= self.limits.direct_min:
+            half = len(items) // 2
+            self.stats["helper_flushes"] += 1
+            fut = pool.submit(_write_many, items[half:])
+            first = _write_many(items[:half])
+            sent = first + fut.result()
+        else:
+            sent = _write_many(items)
+        self.stats["direct_writes"] += len(items)
+        for (conn, data), n in zip(items, sent, strict=True):
+            if n == len(data):
+                continue
+            tr = conn.transport
+            with contextlib.suppress(Exception):
+                # n < 0: an error (reset, broken pipe): the transport's own write reports it and closes.
+                tr.write(data if n <= 0 else memoryview(data)[n:])
+
+    @staticmethod
+    def _stage(conn: _Conn, g: _Group,
+               ready: dict[_Channel, tuple[bytes, list[bytes], list[int], tuple[_Channel, int, int, int]]],
+               skips: dict[_Channel, int] | None) -> None:
+        """This flush's frames for one connection on the general path (conn.out / out_seqs)."""
+        for ch in g.chans:
+            r = ready.get(ch)
+            if r is None:
+                continue
+            blob, pending, seqs, meta = r
+            n = meta[3]
+            skip = skips.get(ch, 0) if skips else 0
+            if skip >= n:
+                continue
+            if conn.transport is None:
+                conn.out.extend(pending[skip:])
+            else:
+                conn.out.append(blob if not skip else b"".join([ws_frame(p) for p in pending[skip:]]))
+            conn.out_seqs.append(meta if not skip else (ch, seqs[skip], seqs[-1], n - skip))
+            conn.out_n += n - skip
 
     def _write_out(self, conn: _Conn, now: float) -> int:
         """The general path: lag detection and recovery, the fallback queue."""
