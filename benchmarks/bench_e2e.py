@@ -70,11 +70,12 @@ async def _drive(edge: str, nats_url: str, keys: list[dict[str, Any]], orders: i
                 slot = i % 10
                 if slot == 9 and resting:  # 10%: cancel one of our resting orders
                     kind, method, path, body = "cancel", "DELETE", f"/v1/orders/{resting.pop(0)}", b""
-                elif slot in (7, 8):  # 20%: marketable IOC that trades with the resting side
+                elif slot in (7, 8):  # 20%: marketable IOC that trades with the resting side, inside the
+                    # market's 10% price band of the last trade wherever on the book that was
                     buy = slot == 7
                     kind, method, path = "cross", "POST", "/v1/orders"
                     body = json.dumps({"symbol": "BTC-USDT", "side": "BUY" if buy else "SELL",
-                                       "price": "43000.00" if buy else "38000.00", "quantity": "0.001",
+                                       "price": "42600.00" if buy else "38900.00", "quantity": "0.001",
                                        "timeInForce": "IOC"}).encode()
                 else:  # 70%: resting limit orders on both sides, never crossing each other
                     buy = i % 2 == 0
