@@ -676,10 +676,14 @@ class CoreNode:
             self._fenced(exc, "journal")
             raise
 
-    async def commit_wal(self, recs: list[JournalRecord]) -> None:
+    def wal_append(self, recs: list[JournalRecord]) -> None:
         assert self.wal is not None
         for rec in recs:
             self.wal.append(rec.cmd.seq, encode_record(rec))
+
+    async def commit_wal(self, recs: list[JournalRecord]) -> None:
+        assert self.wal is not None
+        self.wal_append(recs)
         await asyncio.to_thread(self.wal.commit)
 
     async def _publish(self, by_stream: dict[str, list[Event]], *, reconcile: bool = False) -> None:

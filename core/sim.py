@@ -27,7 +27,7 @@ from pathlib import Path
 
 from core.engine import Engine
 from core.node import Bus, CoreNode, CoreOptions, _Staged
-from core.recovery import JournalRecord, encode_record
+from core.recovery import JournalRecord
 from core.wal import truncate_tail
 from core.wire import (
     AmendOrder,
@@ -124,8 +124,7 @@ class SimNode(CoreNode):
         assert self.wal is not None
         if self.crash_at in ("after_wal_write_keep", "after_wal_write_lose", "torn_tail"):
             point = self.crash_at
-            for rec in recs:
-                self.wal.append(rec.cmd.seq, encode_record(rec))
+            self.wal_append(recs)
             synced = self.wal.synced_bytes
             segment = self.wal.active_segment
             self.wal.write_buffer()
