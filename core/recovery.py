@@ -147,8 +147,10 @@ def recover(
     decode = _rec_dec.decode
     apply = engine.apply
     keep = events.extend if keep_events else None
-    sources: list[tuple[int, int]] = []
-    add_source = sources.append
+    src_keys: list[int] = []  # (source_seq, seq) pairs of the replayed records, as two lists
+    src_seqs: list[int] = []
+    add_key = src_keys.append
+    add_seq = src_seqs.append
     last_ts = state.last_ts_ms
     for seq, payload in _records_after(wal_dir, snapshot_seq):
         rec = decode(payload)
@@ -159,17 +161,19 @@ def recover(
         if cmd.ts_ms > last_ts:
             last_ts = cmd.ts_ms
         if rec.source_seq:
-            add_source((rec.source_seq, seq))
-            if len(sources) >= _FOLD_EVERY:  # bounded memory on a long tail
-                _fold_sources(state, sources)
-                sources.clear()
+            add_key(rec.source_seq)
+            add_seq(seq)
+            if len(src_keys) >= _FOLD_EVERY:  # bounded memory on a long tail
+                _fold_sources(state, src_keys, src_seqs)
+                src_keys.clear()
+                src_seqs.clear()
         if keep is not None:
             keep(evs)
         if on_events is not None:
             on_events(evs)
         replayed += 1
     state.last_ts_ms = last_ts
-    _fold_sources(state, sources)
+    _fold_sources(state, src_keys, src_seqs)
     seconds = time.perf_counter() - t0
     log.info(
         "recovered",
@@ -183,23 +187,23 @@ def recover(
     return Recovered(engine, state, snapshot_seq, replayed, seconds, events)
 
 
-def _fold_sources(state: NodeState, sources: list[tuple[int, int]]) -> None:
+def _fold_sources(state: NodeState, keys: list[int], seqs: list[int]) -> None:
     """Add replayed (source_seq, seq) pairs to ``state.sources`` as NodeState.record would, one by
     one: a new key goes last and the oldest beyond SOURCE_WINDOW is dropped; a key seen again
-    keeps its place. With unique keys that is simply the newest SOURCE_WINDOW pairs."""
-    have = state.sources
-    if not sources:
+    keeps its place. With unique keys that is simply the newest SOURCE_WINDOW pairs (checked and
+    built with C-level set/dict operations only)."""
+    if not keys:
         return
-    keys = {k for k, _ in sources}
-    if len(keys) == len(sources) and not any(k in have for k in keys):
-        if len(sources) >= SOURCE_WINDOW:
-            state.sources = OrderedDict(sources[-SOURCE_WINDOW:])
+    have = state.sources
+    if len(set(keys)) == len(keys) and have.keys().isdisjoint(keys):
+        if len(keys) >= SOURCE_WINDOW:
+            state.sources = OrderedDict(zip(keys[-SOURCE_WINDOW:], seqs[-SOURCE_WINDOW:], strict=True))
             return
-        have.update(sources)
+        have.update(zip(keys, seqs, strict=True))
         while len(have) > SOURCE_WINDOW:
             have.popitem(last=False)
         return
-    for k, v in sources:  # a repeated source_seq: take the slow path, which is the definition
+    for k, v in zip(keys, seqs, strict=True):  # a repeated source_seq: the slow path is the definition
         have[k] = v
         if len(have) > SOURCE_WINDOW:
             have.popitem(last=False)
