@@ -213,6 +213,9 @@ async def _live(env: Any, dest: Path, summary: dict[str, Any], errors: list[str]
     async def step(label: str, coro: Any) -> Any:
         try:
             return await asyncio.wait_for(coro, _STEP_TIMEOUT_S)
+        except TimeoutError:
+            errors.append(f"live {label}: no answer within {_STEP_TIMEOUT_S:.0f} s")
+            return None
         except Exception as exc:
             errors.append(f"live {label}: {type(exc).__name__}: {exc}")
             return None
@@ -255,7 +258,11 @@ async def _jetstream(nats_url: str, summary: dict[str, Any]) -> dict[str, Any]:
     from core.bus import evt_subject
     from core.node import H_LAST, JOURNAL_STREAM, JOURNAL_SUBJECT
 
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    async def quiet(exc: Exception) -> None:  # the failure is reported once, by the caller
+        return None
+
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
+                            error_cb=quiet)
     out: dict[str, Any] = {"streams": {}}
     try:
         js = nc.jetstream()
