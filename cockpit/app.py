@@ -34,6 +34,11 @@ __all__ = ["CockpitApp", "ControlScreen", "HelpScreen", "verify_audit"]
 
 TABS = ("overview", "markets", "ledger", "checks", "audit", "playbooks")
 _STATE_STYLE = {SourceState.LIVE: "green", SourceState.STALE: "yellow", SourceState.DISCONNECTED: "red"}
+RECON_LEVELS = {0: "ok", 1: "warn", 2: "throttle T2", 3: "halt T3"}  # ledger_reconciliation_level
+_LEVEL_STYLE = {"ok": "green", "warn": "yellow", "throttle T2": "red", "halt T3": "red bold"}
+# Job outcomes (jobs.checks): ok, violation, error, not_available.
+_OUTCOME_STYLE = {"OK": "green", "VIOLATION": "red bold", "FAIL": "red bold", "ERROR": "red bold",
+                  "NOT_AVAILABLE": "yellow"}
 
 
 def dash(v: Any, fmt: str = "{}") -> str:
@@ -144,6 +149,8 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
         self.init_option = option if option in self.spec.options else (self.spec.options[0] if self.spec.options
                                                                        else None)
         self.fresh: Snapshot | None = None
+        # The fresh server state the impact is computed from (and that must be LIVE to confirm).
+        self.state_source = "jobs" if self.spec.target == "job" else "admin"
 
     def compose(self) -> ComposeResult:
         with Vertical(id="control-box"):
@@ -186,10 +193,10 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
         req = self.request()
         snap = self.fresh
         t = Text()
-        if snap is None or snap.state("admin") is not SourceState.LIVE:
+        if snap is None or snap.state(self.state_source) is not SourceState.LIVE:
             t.append("server state unavailable: cannot confirm\n", style="red")
         else:
-            for line in req.impact(snap.admin, snap.tickers.get(req.symbol or "")):
+            for line in req.impact(snap.admin, snap.tickers.get(req.symbol or ""), snap.jobs):
                 t.append("• " + line + "\n")
         t.append(f"type {req.confirm_word!r} to enable Confirm", style="bold")
         self.query_one("#impact", Static).update(t)
@@ -198,7 +205,7 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
         req = self.request()
         ok = (bool(req.reason) and bool(req.ticket) and (req.symbol is not None or not self.spec.needs_symbol)
               and self.query_one("#confirm-word", Input).value.strip() == req.confirm_word
-              and self.fresh is not None and self.fresh.state("admin") is SourceState.LIVE)
+              and self.fresh is not None and self.fresh.state(self.state_source) is SourceState.LIVE)
         self.query_one("#confirm", Button).disabled = not ok
 
     @on(Select.Changed)
@@ -253,7 +260,8 @@ class CockpitApp(App[None]):
         if self.poller.key is None:
             return False, self._readonly_reason or "read-only: no operator key (--operator-key / SPOTEX_OPERATOR_KEY)"
         need = CONTROLS[control].role if control else "operator"
-        if need in self.roles or "admin" in self.roles:
+        # As the edge: roles are no hierarchy (an admin is not an approver); viewer is any role.
+        if need in self.roles or (need == "viewer" and self.roles):
             return True, ""
         return False, self._readonly_reason or f"read-only: your roles {sorted(self.roles) or '-'} lack {need!r}"
 
@@ -261,6 +269,7 @@ class CockpitApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         ok, why = self.can_control()
+        ok = ok or any(self.can_control(c)[0] for c in CONTROLS)  # e.g. an approver-only key
         yield Static(escape(f"OPERATOR {sorted(self.roles)}" if ok else why.upper()), id="mode-bar",
                      classes="operator" if ok else "readonly")
         with TabbedContent(initial="overview", id="tabs"):
@@ -271,7 +280,10 @@ class CockpitApp(App[None]):
                         for spec in TILES:
                             if spec.dashboard == dash_name:
                                 yield Tile(spec)
-            with TabPane("Markets [2]", id="markets"):
+                    if dash_name == "Edge auth":
+                        yield Static(id="auth-reasons")
+            with TabPane("Markets [2]", id="markets"), Vertical():
+                yield Static(id="markets-state")
                 yield DataTable(id="markets-table", cursor_type="row")
             with TabPane("Ledger [3]", id="ledger"), VerticalScroll():
                 yield DataTable(id="ledger-table", cursor_type="row")
@@ -301,7 +313,7 @@ class CockpitApp(App[None]):
         lt = self.query_one("#ledger-table", DataTable)
         lt.add_columns("stream", "lag seq", "lag ms", "recon level", "applied seq", "engine seq", "stopped", "latch")
         jt = self.query_one("#jobs-table", DataTable)
-        jt.add_columns("job", "schedule", "last run", "outcome")
+        jt.add_columns("job", "schedule", "next run", "last run", "outcome", "summary")
         at = self.query_one("#audit-table", DataTable)
         at.add_columns("seq", "time (UTC)", "action", "actor", "params", "reason", "ticket")
         act = self.query_one("#actions-table", DataTable)
@@ -356,6 +368,7 @@ class CockpitApp(App[None]):
         self.query_one(SourceBar).show(snap)
         for tile in self.query(Tile):
             tile.show(self.model)
+        self._render_auth_reasons()
         self._render_markets()
         self._render_ledger()
         self._render_jobs()
@@ -378,6 +391,7 @@ class CockpitApp(App[None]):
         return t
 
     def _render_markets(self) -> None:
+        self.query_one("#markets-state", Static).update(self._src_note(self.model.snapshot, "market", "core", "admin"))
         table = self.query_one("#markets-table", DataTable)
         cursor = table.cursor_row
         table.clear()
@@ -391,8 +405,12 @@ class CockpitApp(App[None]):
         table = self.query_one("#ledger-table", DataTable)
         table.clear()
         for r in self.model.rows():
-            table.add_row(escape(r.symbol), dash(r.settle_lag_seq), dash(r.settle_lag_ms), dash(r.recon_level),
-                          dash(r.applied_seq), dash(r.engine_seq), dash(r.stopped), dash(r.latch))
+            level = None if r.recon_level is None else RECON_LEVELS.get(int(r.recon_level), dash(r.recon_level))
+            stopped = None if r.stopped is None else ("STOPPED" if r.stopped >= 0.5 else "no")
+            table.add_row(escape(r.symbol), dash(r.settle_lag_seq), dash(r.settle_lag_ms),
+                          Text(dash(level), style=_LEVEL_STYLE.get(level or "", "")), dash(r.applied_seq),
+                          dash(r.engine_seq), Text(dash(stopped), style="red bold" if stopped == "STOPPED" else ""),
+                          Text(dash(r.latch), style="red bold" if (r.latch or "").startswith("ENGAGED") else ""))
         snap = self.model.snapshot
         t = self._src_note(snap, "ledger", "admin")
         t.append("\n\nLatest invariant run\n", style="bold")
@@ -407,16 +425,46 @@ class CockpitApp(App[None]):
         t.append(f"\nCorrections pending: {dash(corr)}\n")
         self.query_one("#invariants", Static).update(t)
 
+    def _render_auth_reasons(self) -> None:
+        t = Text()
+        t.append("auth failures by reason  ", style="bold")
+        reasons = self.model.auth_fail_reasons()
+        if reasons is None:
+            t.append("-", style="dim")
+        elif not reasons:
+            t.append("none since the edge started", style="dim")
+        for i, (reason, r, total) in enumerate(reasons or []):
+            t.append(" · " if i else "")
+            t.append(f"{reason} ", style="bold")
+            t.append(f"{dash(r, '{:.2f}')}/s", style="yellow" if r else "")
+            t.append(f" ({total:.0f} total)", style="dim")
+        self.query_one("#auth-reasons", Static).update(t)
+
     def _render_jobs(self) -> None:
         snap = self.model.snapshot
         t = self._src_note(snap, "jobs")
-        t.append("\n'n' runs the selected check now (needs the jobs service API).", style="dim")
+        t.append("\n'n' runs the selected check now (operator; reason, ticket and typed confirmation).", style="dim")
+        if snap is not None and snap.jobs is None:
+            t.append("\nthe jobs service is unreachable: schedules below are from config, runs unknown", style="dim")
         self.query_one("#jobs-state", Static).update(t)
         table = self.query_one("#jobs-table", DataTable)
-        if table.row_count != len(self.jobs):
-            table.clear()
-            for name, cron in self.jobs.items():
-                table.add_row(escape(name), escape(cron), "-", "-", key=name)
+        cursor = table.cursor_row
+        table.clear()
+        for row in self.model.job_rows(self.jobs):
+            cells: list[str | Text] = [escape(dash(v)) for v in row]
+            cells[4] = Text(dash(row[4]), style=_OUTCOME_STYLE.get((row[4] or "").upper(), "dim"))
+            table.add_row(*cells, key=row[0])
+        if table.row_count:
+            table.move_cursor(row=min(cursor, table.row_count - 1))
+
+    def _current_job(self) -> str | None:
+        table = self.query_one("#jobs-table", DataTable)
+        if table.row_count:
+            try:
+                return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+            except Exception:
+                return None
+        return None
 
     def _render_audit(self) -> None:
         snap = self.model.snapshot
@@ -502,7 +550,12 @@ class CockpitApp(App[None]):
         elif cid == "refresh":
             self.poll()
         elif cid == "run_check":
-            self.notify("scheduled checks: the jobs service exposes no API yet", severity="warning")
+            snap = self.model.snapshot
+            if snap is None or snap.jobs is None:
+                why = snap.sources["jobs"].error if snap is not None and "jobs" in snap.sources else None
+                self.notify(escape(f"scheduled checks unavailable: {why or 'no data'}"), severity="warning")
+            else:
+                self.open_control("run_check", symbol=self._current_job())
         elif cmd.control is not None:
             self.open_control(cmd.control)
 
@@ -520,9 +573,16 @@ class CockpitApp(App[None]):
         if not ok:
             self.notify(why, severity="error", title="read-only")
             return
-        symbols = self.model.symbols()
-        self.push_screen(ControlScreen(control, symbols, symbol or self._current_symbol(), option),
-                         self._control_chosen)
+        if CONTROLS[control].target == "job":
+            targets = [str(j.get("name")) for j in (self.model.snapshot.jobs if self.model.snapshot else None) or []
+                       if isinstance(j, dict) and j.get("name")]
+            default = symbol
+        else:
+            targets = self.model.symbols()
+            if control == "latch_release":  # the withdrawals latch (_sys) and any other latched stream
+                targets += [s for s in self.model.latched() if s not in targets]
+            default = symbol or self._current_symbol()
+        self.push_screen(ControlScreen(control, targets, default, option), self._control_chosen)
 
     def _control_chosen(self, req: ControlRequest | None) -> None:
         if req is None:

@@ -13,7 +13,7 @@ import httpx
 from cockpit.signing import OperatorKey
 from cockpit.sources import Snapshot
 
-__all__ = ["CONTROLS", "MODES", "ControlRequest", "ControlSpec", "PendingAction", "send"]
+__all__ = ["CONTROLS", "MODES", "ControlRequest", "ControlSpec", "PendingAction", "latch_text", "send"]
 
 MODES = ("CANCEL_ONLY", "SOFT_HALT", "HARD_HALT", "NORMAL")
 
@@ -26,6 +26,7 @@ class ControlSpec:
     options: tuple[str, ...]
     role: str
     help: str
+    target: str = "symbol"  # what needs_symbol picks: a market symbol, or a scheduled check ("job")
 
 
 CONTROLS: dict[str, ControlSpec] = {c.id: c for c in (
@@ -37,13 +38,22 @@ CONTROLS: dict[str, ControlSpec] = {c.id: c for c in (
                 "Release a symbol's reconciliation safety latch (manual release only)."),
     ControlSpec("break_glass", "BreakGlass", False, ("enable", "disable"), "operator",
                 "Enable or disable break-glass access."),
+    ControlSpec("run_check", "RunCheck", True, (), "operator",
+                "Run a scheduled check now (the jobs service runs it and reports its outcome).", target="job"),
 )}
+
+
+def latch_text(latch: Any) -> str:
+    """A latch row of admin status as a word: ENGAGED <mode>, released, or a dash."""
+    if isinstance(latch, dict):
+        return f"ENGAGED {latch.get('mode') or ''}".strip() if latch.get("engaged") else "released"
+    return "-" if latch is None else str(latch)
 
 
 @dataclass(frozen=True)
 class ControlRequest:
     control: str
-    symbol: str | None
+    symbol: str | None  # the target: a market symbol, or the job name for run_check
     option: str | None
     reason: str
     ticket: str
@@ -78,10 +88,13 @@ class ControlRequest:
         if self.control == "break_glass":
             action = "enable" if self.option == "enable" else "disable"
             return f"/v1/admin/break-glass/{action}", rt
+        if self.control == "run_check":
+            return f"/v1/admin/jobs/{self.symbol}/run", rt
         raise ValueError(self.control)
 
-    def impact(self, admin: dict[str, Any] | None, ticker: dict[str, Any] | None) -> list[str]:
-        """What changes, from fresh server state (admin status, ticker)."""
+    def impact(self, admin: dict[str, Any] | None, ticker: dict[str, Any] | None,
+               jobs: list[dict[str, Any]] | None = None) -> list[str]:
+        """What changes, from fresh server state (admin status, ticker, scheduled checks)."""
         if admin is None:
             return ["server state unavailable: impact unknown"]
         modes = admin.get("modes") or {}
@@ -104,10 +117,24 @@ class ControlRequest:
         elif self.control == "latch_release":
             latches = admin.get("latches")
             got = latches.get(self.symbol) if isinstance(latches, dict) else None
-            out.append(f"latch of {self.symbol}: {got if got is not None else '-'} -> released")
+            out.append(f"latch of {self.symbol}: {latch_text(got)} -> released")
+            if isinstance(got, dict) and got.get("engaged"):
+                out.append(f"cause {got.get('cause', '-')}: {got.get('reason', '-')}")
+                out.append("the ledger refuses unless lag is 0 and the invariants pass; then the mode goes NORMAL")
+            elif latches is not None:
+                out.append("no engaged latch: the edge will refuse this release")
         elif self.control == "break_glass":
             bg = admin.get("breakGlass") or {}
             out.append(f"break-glass active: {bg.get('active', '-')} -> {self.option == 'enable'}")
+        elif self.control == "run_check":
+            job = next((j for j in jobs or [] if isinstance(j, dict) and j.get("name") == self.symbol), None)
+            if job is None:
+                out.append(f"check {self.symbol}: unknown to the jobs service (or it is unreachable)")
+            else:
+                last = job.get("last_run") or {}
+                out.append(f"check {self.symbol} ({job.get('schedule', '-')}) runs now, once")
+                out.append(f"last run: {last.get('outcome') or '-'} at {last.get('started_at') or '-'}")
+            return out
         if ticker:
             out.append(f"{self.symbol} bid {ticker.get('bestBid') or '-'} ask {ticker.get('bestAsk') or '-'}"
                        f" last {ticker.get('last') or '-'}")
@@ -124,7 +151,10 @@ class ControlRequest:
             return admin.get("withdrawalsHalted") == (self.option == "on")
         if self.control == "break_glass":
             return (admin.get("breakGlass") or {}).get("active") == (self.option == "enable")
-        return None  # cancel-all and latch release: confirmed by the response and the audit entry
+        if self.control == "latch_release":
+            latch = (admin.get("latches") or {}).get(self.symbol)
+            return None if not isinstance(latch, dict) else latch.get("engaged") is False
+        return None  # cancel-all and run-check: confirmed by the response and the audit entry
 
 
 @dataclass
@@ -163,8 +193,10 @@ async def send(client: httpx.AsyncClient, edge_url: str, key: OperatorKey, req: 
     path, payload = req.http()
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {**key.headers("POST", path, body), "Content-Type": "application/json"}
+    # A check run replies when the check ends (the edge waits up to 60 s); the others are quick.
+    timeout = 75.0 if req.control == "run_check" else 10.0
     try:
-        r = await client.post(edge_url + path, content=body, headers=headers)
+        r = await client.post(edge_url + path, content=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         return False, f"not sent: {type(exc).__name__} {exc}".strip(), None
     try:

@@ -161,7 +161,7 @@ def fmt_value(spec: TileSpec, v: Value) -> str:
         return "-"
     if spec.key == "kafka_up":
         return "UP"
-    if spec.key == "led_inv":
+    if spec.key in ("led_inv", "pb_inv_ok"):
         return "OK" if v >= 0.5 else "FAIL"
     if spec.unit == "B":
         for unit in ("B", "KiB", "MiB"):
@@ -202,9 +202,11 @@ def _latch_of(admin: dict[str, Any] | None, ledger: Metrics | None, symbol: str)
     if isinstance(latches, dict):
         got = latches.get(symbol)
         if isinstance(got, dict):
-            return str(got.get("state") or got.get("mode") or ("ENGAGED" if got.get("engaged") else "released"))
+            return f"ENGAGED {got.get('mode') or ''}".strip() if got.get("engaged") else "released"
         if got is not None:
             return str(got)
+        if "error" not in latches:
+            return "none"  # the ledger knows every latch: this symbol never had one
     if ledger is not None and ledger.has("ledger_latch_engaged"):
         v = ledger.get("ledger_latch_engaged", symbol=symbol)
         if v is not None:
@@ -287,6 +289,50 @@ class Model:
         snap = self.snapshot
         edge = snap.metrics.get("edge") if snap else None
         return edge.by_label("auth_fail_total", "reason") if edge is not None else {}
+
+    def auth_fail_reasons(self) -> list[tuple[str, Value, float]] | None:
+        """``auth_fail_total{reason}`` of the edge: (reason, rate /s between the last two scrapes, total),
+        busiest first; None while the edge's metrics are missing (a dash, not "none")."""
+        snap = self.snapshot
+        edge = snap.metrics.get("edge") if snap else None
+        if snap is None or edge is None:
+            return None
+        prev, dt = _prev(snap, "edge")
+        before = prev.by_label("auth_fail_total", "reason") if prev is not None else {}
+        out: list[tuple[str, Value, float]] = []
+        for reason, total in edge.by_label("auth_fail_total", "reason").items():
+            r = rate(total, before.get(reason, 0.0), dt) if prev is not None else None
+            out.append((reason, r, total))
+        return sorted(out, key=lambda x: (-(x[1] or 0.0), -x[2], x[0]))
+
+    def latched(self) -> list[str]:
+        """Streams with an engaged latch (admin status), ``_sys`` included."""
+        latches = self.snapshot.admin.get("latches") if self.snapshot and self.snapshot.admin else None
+        if not isinstance(latches, dict):
+            return []
+        return sorted(s for s, v in latches.items() if isinstance(v, dict) and v.get("engaged"))
+
+    def job_rows(self, configured: dict[str, str]) -> list[tuple[str, str | None, str | None, str | None,
+                                                                 str | None, str | None]]:
+        """(job, schedule, next run, last run, outcome, summary): from the jobs service when it
+        answers, else the configured schedules with the rest unknown."""
+        snap = self.snapshot
+        jobs = snap.jobs if snap is not None else None
+        if jobs is None:
+            return [(name, cron, None, None, None, None) for name, cron in configured.items()]
+        rows = []
+        for j in jobs:
+            if not isinstance(j, dict) or not j.get("name"):
+                continue
+            last = j.get("last_run") if isinstance(j.get("last_run"), dict) else None
+            rows.append((str(j["name"]), _opt(j.get("schedule")), _opt(j.get("next_run_at")),
+                         _opt(last.get("started_at")) if last else None, _opt(last.get("outcome")) if last else None,
+                         _opt(last.get("summary")) if last else None))
+        return rows
+
+
+def _opt(v: Any) -> str | None:
+    return None if v is None else str(v)
 
 
 def sparkline(values: deque[float | None] | list[float | None], width: int = 16) -> str:

@@ -28,10 +28,6 @@ class Playbook:
     notes: str = ""
 
 
-def _max_gauge(source: str, name: str) -> TileSpec:
-    return TileSpec(f"pb:{source}:{name}", "", name, source, "", gauge(source, name, agg="max"), 1, 1)
-
-
 def _kafka_health(snap: Snapshot) -> float | None:
     return None if snap.state("kafka") is SourceState.DISCONNECTED else 1.0
 
@@ -54,7 +50,8 @@ PLAYBOOKS: tuple[Playbook, ...] = (
     Playbook("3.2", "Settlement lag spike", "SEV2 -> SEV1", (
         TileSpec("pb_lag_ms", "", "settlement lag ms (max)", "ledger", "ms",
                  gauge("ledger", "ledger_settlement_lag_ms_last", agg="max"), 1000, 5000),
-        _max_gauge("ledger", "ledger_settlement_lag_seq"),
+        TileSpec("pb_lag_seq", "", "settlement lag seq (max)", "ledger", "",
+                 gauge("ledger", "ledger_settlement_lag_seq", agg="max"), 100, 1000),
         TileSpec("pb_cons", "", "consumer lag", "ledger", "msg", gauge("ledger", "ledger_consumer_lag_messages"),
                  100, 1000),
         TileSpec("pb_dberr", "", "DB tx errors /s", "ledger", "/s",

@@ -85,6 +85,8 @@ class Snapshot:
     markets: list[dict[str, Any]] | None = None
     tickers: dict[str, dict[str, Any]] = field(default_factory=dict)
     stack: dict[str, Any] | None = None
+    # The scheduled checks (edge GET /v1/admin/jobs): name, schedule, next_run_at, last_run.
+    jobs: list[dict[str, Any]] | None = None
 
     def state(self, name: str) -> SourceState:
         st = self.sources.get(name)
@@ -136,6 +138,17 @@ class Poller(Protocol):
 
 class SourceError(Exception):
     pass
+
+
+def _problem_text(r: httpx.Response) -> str:
+    """``HTTP 503 UNAVAILABLE: <detail>`` from a problem+json answer (or the bare status)."""
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("code"):
+        return f"HTTP {r.status_code} {body['code']}: {body.get('detail') or ''}".rstrip(": ")[:160]
+    return f"HTTP {r.status_code}"
 
 
 def _short(exc: BaseException) -> str:
@@ -190,7 +203,8 @@ class HttpPoller:
                 raise SourceError("no operator key (read-only)")
             headers = self.key.headers("GET", path)
         r = await self._client.get(url + path, headers=headers)
-        r.raise_for_status()
+        if r.status_code >= 400:
+            raise SourceError(_problem_text(r))
         return r.json()
 
     async def _metrics(self, url: str) -> Metrics:
@@ -243,7 +257,8 @@ class HttpPoller:
             jobs["admin"] = self._get_json(edge, "/v1/admin/status", signed=True)
             jobs["audit"] = self._get_json(edge, f"/v1/admin/audit?limit={self.audit_limit}", signed=True)
             jobs["market"] = self._market(edge)
-        jobs["jobs"] = missing("the jobs service has no API yet")
+        jobs["jobs"] = self._get_json(edge, "/v1/admin/jobs", signed=True) if edge is not None \
+            else missing("no edge endpoint")
 
         async def stack() -> Any:
             return self._read_json("state.json")
@@ -280,6 +295,8 @@ class HttpPoller:
             snap.markets = market["markets"]
             snap.tickers = market["tickers"]
         snap.stack = tr["stack"].current(now)
+        jobs = tr["jobs"].current(now)
+        snap.jobs = jobs.get("jobs") if isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list) else None
         return snap
 
 

@@ -359,7 +359,8 @@ async def jobs_list(request: Request[Any, Any, Any]) -> Response[Any]:
     await st.authenticate_operator(request, "viewer")
     out = await _jobs_request(st, JOBS_LIST_SUBJECT, {}, JOBS_LIST_TIMEOUT_S)
     if not isinstance(out.get("jobs"), list):
-        raise SpotexError("UNAVAILABLE", detail="the jobs service's list has no jobs array")
+        why = f"{out.get('error')}: {out.get('detail') or ''}" if out.get("error") else "no jobs array"
+        raise SpotexError("UNAVAILABLE", detail=f"the jobs service could not list its jobs ({why})"[:300])
     return json_response({"jobs": out["jobs"]})
 
 

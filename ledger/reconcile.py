@@ -246,13 +246,24 @@ class LatchReleaseResult:
                 "invariants": self.invariants}
 
 
+async def _ledger_seq(pool: Any, symbol: str) -> int:
+    async with pool.acquire() as conn:
+        v = await conn.fetchval("SELECT last_seq FROM ledger_consumer_checkpoint WHERE stream = $1", symbol)
+    return int(v or 0)
+
+
 async def release_latch(pool: Any, symbol: str, approvers: list[str], reason: str, ticket: str, *, js: Any = None,
-                        evt_stream: str = "EVT", requires_second_approver: bool = False) -> LatchReleaseResult:
+                        evt_stream: str = "EVT", requires_second_approver: bool = False,
+                        catch_up_s: float = 2.0) -> LatchReleaseResult:
     """Release ``symbol``'s latch: approvals (one, or two distinct when ``requires_second_approver``),
     a reason and a ticket; only when the stream's lag is 0 and the invariants pass. Audited (actor =
     the first approver, every approver in the entry) before the latch row changes, then the symbol is
     set back to NORMAL (``_sys``: withdrawals resume) through the core. ``js`` (a JetStream context)
-    is needed to read the engine's seq and to send the command; without it: ENGINE_UNAVAILABLE."""
+    is needed to read the engine's seq and to send the command; without it: ENGINE_UNAVAILABLE.
+
+    Lag 0 means the ledger has settled everything the engine had published when the release was
+    asked: a latched market still carries events (cancels, refused orders), so a lag seen above 0 is
+    given ``catch_up_s`` for the ledger to reach that engine seq before the release is refused."""
     def refuse(code: str, status: int, detail: str) -> LatchReleaseResult:
         return LatchReleaseResult(False, code, status, symbol, detail)
 
@@ -281,6 +292,14 @@ async def release_latch(pool: Any, symbol: str, approvers: list[str], reason: st
         return refuse("ENGINE_UNAVAILABLE", 503, f"cannot read the engine's seq: {type(exc).__name__}: {exc}")
     info = lags.get(symbol, {"lag": 0, "state": "running"})
     lag = int(info.get("lag", 0))
+    if lag > 0 and info.get("state") != "stopped" and "engine_seq" in info:
+        target = int(info["engine_seq"])
+        deadline = time.monotonic() + catch_up_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            lag = max(0, target - await _ledger_seq(pool, symbol))
+            if lag == 0:
+                break
     if info.get("state") == "stopped":
         why = f"settlement of {symbol} is stopped ({info.get('stop_reason')}); resume it first"
         return await _refused(pool, symbol, names, ticket, "SETTLEMENT_STOPPED", 409, why, lag=lag)

@@ -26,12 +26,13 @@ class CockpitStack:
     stack: Stack
     operator: OperatorKey  # roles operator + admin
     viewer: OperatorKey  # role viewer only: the edge refuses its controls
+    approver: OperatorKey  # role approver only: latch releases
 
 
 @pytest.fixture(scope="session")
 def cockpit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CockpitStack]:
-    op, viewer = _key(), _key()
-    keys = {op.public_hex: ["operator", "admin"], viewer.public_hex: ["viewer"]}
+    op, viewer, approver = _key(), _key(), _key()
+    keys = {op.public_hex: ["operator", "admin"], viewer.public_hex: ["viewer"], approver.public_hex: ["approver"]}
     data_dir: Path = tmp_path_factory.mktemp("cockpit") / "stack"
     with stack(data_dir, demo=True, env={"SPOTEX_SECURITY__ADMIN_KEYS": json.dumps(keys)}) as st:
-        yield CockpitStack(st, op, viewer)
+        yield CockpitStack(st, op, viewer, approver)

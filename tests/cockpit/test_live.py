@@ -10,6 +10,7 @@ from cockpit.app import CockpitApp, ControlScreen
 from cockpit.signing import OperatorKey
 from cockpit.sources import HttpPoller, SourceState
 from tests.cockpit.conftest import CockpitStack
+from tests.edge.test_admin_latch import engage_latch_async, wait_lag_zero_async
 
 
 def _app(cs: CockpitStack, key: OperatorKey | None, roles: set[str]) -> CockpitApp:
@@ -43,7 +44,8 @@ async def test_overview_fills_with_live_values(cockpit_stack: CockpitStack) -> N
             assert snap.state(name) is SourceState.LIVE, snap.sources[name]
         for key in ("api_p99", "eng_queue", "eng_seq", "led_lag", "auth_fail"):
             assert app.model.values[key] is not None, key
-        assert snap.state("jobs") is SourceState.DISCONNECTED  # no jobs API yet: dashes, no crash
+        assert snap.state("jobs") is SourceState.LIVE and snap.jobs, snap.sources["jobs"]  # the jobs service API
+        assert app.model.auth_fail_reasons() is not None  # the edge's auth_fail_total{reason} family
         tile = str(app.query_one("#tile-eng_queue", Static).render())
         assert "queue depth" in tile
         await pilot.press("2")
@@ -60,7 +62,7 @@ async def test_set_symbol_mode_end_to_end(cockpit_stack: CockpitStack) -> None:
         screen = app.screen
         assert app.focused is screen.query_one("#cancel", Button)  # Cancel has the focus
         await _until(pilot, lambda: "NORMAL -> SOFT_HALT" in str(screen.query_one("#impact", Static).render()))
-        await _set_control_fields(pilot, "pilot drill", "TCK-1", "ETH-USD")
+        await _set_control_fields(pilot, "pd", "T-1", "ETH-USD")
         assert screen.query_one("#confirm", Button).disabled  # the typed word does not match yet
         await pilot.press("T", "enter")  # now it matches, but Enter alone never confirms
         await pilot.pause(0.2)
@@ -75,7 +77,7 @@ async def test_set_symbol_mode_end_to_end(cockpit_stack: CockpitStack) -> None:
         assert action.audited and action.audit_seq is not None
         audit = app.model.snapshot.audit if app.model.snapshot else None
         entry = next(e for e in audit or [] if e["seq"] == action.audit_seq)
-        assert entry["action"] == "SetSymbolMode" and entry["ticket"] == "TCK-1"
+        assert entry["action"] == "SetSymbolMode" and entry["ticket"] == "T-1"
         assert entry["params"] == {"symbol": "ETH-USDT", "mode": "SOFT_HALT"}
         assert app.audit_state[0] == "VERIFIED"
         assert "APPLIED" in str(app.query_one("#last-action", Static).render())
@@ -83,7 +85,7 @@ async def test_set_symbol_mode_end_to_end(cockpit_stack: CockpitStack) -> None:
         app.call_later(app.open_control, "set_mode", symbol="ETH-USDT", option="NORMAL")
         await _until(pilot, lambda: isinstance(app.screen, ControlScreen))
         await _until(pilot, lambda: "SOFT_HALT -> NORMAL" in str(app.screen.query_one("#impact", Static).render()))
-        await _set_control_fields(pilot, "end of drill", "TCK-1", "ETH-USDT")
+        await _set_control_fields(pilot, "end", "T-1", "ETH-USDT")
         await pilot.click("#confirm")
         await _until(pilot, lambda: len(app.actions) == 2 and app.actions[-1].done)
         assert app.actions[-1].state == "APPLIED"
@@ -97,7 +99,7 @@ async def test_refused_control_shows_reason(cockpit_stack: CockpitStack) -> None
         app.call_later(app.open_control, "withdrawals", option="on")
         await _until(pilot, lambda: isinstance(app.screen, ControlScreen))
         await _until(pilot, lambda: "withdrawals halted" in str(app.screen.query_one("#impact", Static).render()))
-        await _set_control_fields(pilot, "should fail", "TCK-2", "WithdrawalsHalt")
+        await _set_control_fields(pilot, "no", "T-2", "WithdrawalsHalt")
         await pilot.click("#confirm")
         await _until(pilot, lambda: bool(app.actions) and app.actions[-1].done)
         action = app.actions[-1]
@@ -116,3 +118,91 @@ async def test_read_only_without_key(cockpit_stack: CockpitStack) -> None:
         assert "READ-ONLY" in str(app.query_one("#mode-bar", Static).render())
         snap = app.model.snapshot
         assert snap is not None and snap.state("admin") is SourceState.DISCONNECTED
+
+
+async def _confirm(pilot: Pilot[None], app: CockpitApp, reason: str, ticket: str, word: str, impact: str) -> None:
+    await _until(pilot, lambda: isinstance(app.screen, ControlScreen))
+    await _until(pilot, lambda: impact in str(app.screen.query_one("#impact", Static).render()))
+    await _set_control_fields(pilot, reason, ticket, word)
+    await pilot.click("#confirm")
+
+
+async def test_cancel_all_reaches_the_core_and_the_audit_chain(cockpit_stack: CockpitStack) -> None:
+    app = _app(cockpit_stack, cockpit_stack.operator, {"operator"})
+    async with app.run_test(size=(160, 50)) as pilot:
+        await _until(pilot, lambda: app.model.snapshot is not None and app.model.snapshot.admin is not None)
+        app.call_later(app.open_control, "cancel_all", symbol="BTC-USDT")
+        await _confirm(pilot, app, "ca", "T-3", "BTC-USDT", "every open order of BTC-USDT")
+        await _until(pilot, lambda: bool(app.actions) and app.actions[-1].done)
+        action = app.actions[-1]
+        assert action.state == "APPLIED", action
+        assert "canceled=" in action.detail and action.audited
+        entry = next(e for e in app.model.snapshot.audit or [] if e["seq"] == action.audit_seq)  # type: ignore[union-attr]
+        assert entry["action"] == "CancelAll" and entry["params"] == {"symbol": "BTC-USDT"}
+        assert entry["ticket"] == "T-3" and entry["reason"] == "ca"
+        assert not any(e["action"] == "CancelAll.failed" for e in app.model.snapshot.audit or [])  # type: ignore[union-attr]
+
+
+async def test_latch_release_through_the_cockpit(cockpit_stack: CockpitStack) -> None:
+    sym = "SOL-USDT"
+    app = _app(cockpit_stack, cockpit_stack.approver, {"approver"})
+    async with app.run_test(size=(160, 50)) as pilot:
+        await _until(pilot, lambda: app.model.snapshot is not None and app.model.snapshot.admin is not None)
+        assert "OPERATOR" in str(app.query_one("#mode-bar", Static).render())  # approver: controls, not read-only
+        await engage_latch_async(cockpit_stack.stack, sym)
+        await _until(pilot, lambda: next((r.latch for r in app.model.rows() if r.symbol == sym), None)
+                     == "ENGAGED CANCEL_ONLY" and (app.model.snapshot.admin or {})["modes"].get(sym) == "CANCEL_ONLY")
+        await wait_lag_zero_async(cockpit_stack.stack, sym)
+        app.call_later(app.open_control, "latch_release", symbol=sym)
+        await _confirm(pilot, app, "lag 0", "I-7", sym, "ENGAGED CANCEL_ONLY -> released")
+        await _until(pilot, lambda: bool(app.actions) and app.actions[-1].done, timeout=30)
+        action = app.actions[-1]
+        assert action.state == "APPLIED", action
+        assert action.audited and "released=True" in action.detail and "modeSet=NORMAL" in action.detail
+        audit = app.model.snapshot.audit or []  # type: ignore[union-attr]
+        req = next(e for e in audit if e["seq"] == action.audit_seq)
+        assert req["action"] == "LatchReleaseRequested" and req["params"]["symbol"] == sym
+        assert req["ticket"] == "I-7" and req["reason"] == "lag 0"
+        assert any(e["action"] == "LatchRelease" and e["params"]["symbol"] == sym and e["seq"] > req["seq"]
+                   for e in audit)
+        await _until(pilot, lambda: (app.model.snapshot.admin or {})["modes"].get(sym) == "NORMAL")
+        assert next(r.latch for r in app.model.rows() if r.symbol == sym) == "released"
+        assert app.audit_state[0] == "VERIFIED"
+
+        # Refused by the service, with its reason: the latch is no longer engaged.
+        app.call_later(app.open_control, "latch_release", symbol=sym)
+        await _confirm(pilot, app, "re", "I-7", sym, "released -> released")
+        await _until(pilot, lambda: len(app.actions) == 2 and app.actions[-1].done)
+        refused = app.actions[-1]
+        assert refused.state == "REJECTED" and "409 LATCH_NOT_ENGAGED" in refused.detail, refused
+        assert "LATCH_NOT_ENGAGED" in str(app.query_one("#last-action", Static).render())
+
+        # Refused locally, with its reason: an approver has no SetSymbolMode (roles are no hierarchy).
+        app.open_control("set_mode", symbol=sym, option="NORMAL")
+        await pilot.pause(0.2)
+        assert not isinstance(app.screen, ControlScreen)
+        assert any("lack 'operator'" in str(n.message) for n in app._notifications)
+
+
+async def test_run_check_now_from_the_checks_screen(cockpit_stack: CockpitStack) -> None:
+    app = _app(cockpit_stack, cockpit_stack.operator, {"operator"})
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("4")
+        table = app.query_one("#jobs-table", DataTable)
+        await _until(pilot, lambda: app.model.snapshot is not None and bool(app.model.snapshot.jobs)
+                     and table.row_count >= 5)
+        assert "invariants" in [str(k.value) for k in table.rows]
+        row = table.get_row("invariants")
+        assert row[1] == "*/1 * * * *" and row[2] != "-"  # schedule and next run from the jobs service
+        table.move_cursor(row=table.get_row_index("invariants"))
+        await pilot.press("n")  # the selected check, through the same confirmation flow
+        await _confirm(pilot, app, "now", "T-5", "invariants", "check invariants (*/1 * * * *) runs now")
+        await _until(pilot, lambda: bool(app.actions) and app.actions[-1].done, timeout=60)
+        action = app.actions[-1]
+        assert action.state == "APPLIED" and "outcome=ok" in action.detail, action
+        entry = next(e for e in app.model.snapshot.audit or [] if e["seq"] == action.audit_seq)  # type: ignore[union-attr]
+        assert entry["action"] == "RunCheck" and entry["params"] == {"job": "invariants"} and entry["ticket"] == "T-5"
+        run_id = int(action.detail.split("runId=")[1].split(",")[0])
+        await _until(pilot, lambda: any((j.get("last_run") or {}).get("id", 0) >= run_id
+                                        for j in app.model.snapshot.jobs or [] if j["name"] == "invariants"))
+        assert str(table.get_row("invariants")[4]) in ("ok", "violation", "error")

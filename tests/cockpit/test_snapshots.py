@@ -1,5 +1,7 @@
-"""SVG snapshots of the overview in LIVE, STALE and DISCONNECTED states (fixed size, fixed data,
-no clock on screen). Prepared snapshots: this is presentation, the data layer is tested live."""
+"""SVG snapshots of every screen in LIVE, STALE and DISCONNECTED states: fixed terminal size, fixed
+data fed through a StaticPoller (no network, no wall clock on screen: ages and times come from the
+data), so the pictures change only when the presentation does. The data layer is tested live
+(test_live.py). Update with ``--snapshot-update`` and look at the SVGs before committing them."""
 
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ import pytest
 from cockpit.app import CockpitApp
 from cockpit.metrics import parse_metrics
 from cockpit.sources import SOURCE_NAMES, Snapshot, SourceState, SourceStatus, StaticPoller
+from ledger.audit import GENESIS_HASH, entry_hash
+
+AT = 1_800_000_000.0  # the frozen "now" of every snapshot (2027-01-15 08:00 UTC)
 
 CORE = """# TYPE core_queue_depth gauge
 core_queue_depth 3
 # TYPE core_trades_total counter
 core_trades_total{symbol="BTC-USDT"} %d
+core_trades_total{symbol="ETH-USDT"} %d
 # TYPE core_stream_seq gauge
 core_stream_seq{stream="BTC-USDT"} %d
+core_stream_seq{stream="ETH-USDT"} %d
 # TYPE process_cpu_seconds_total counter
 process_cpu_seconds_total %f
 # TYPE core_loop_seconds histogram
@@ -28,37 +35,130 @@ core_loop_seconds_sum 0.5
 """
 LEDGER = """# TYPE ledger_settlement_lag_ms_last gauge
 ledger_settlement_lag_ms_last{stream="BTC-USDT"} 1500
+ledger_settlement_lag_ms_last{stream="ETH-USDT"} 40
+# TYPE ledger_settlement_lag_seq gauge
+ledger_settlement_lag_seq{stream="BTC-USDT"} 12
+ledger_settlement_lag_seq{stream="ETH-USDT"} 0
+# TYPE ledger_reconciliation_level gauge
+ledger_reconciliation_level{stream="BTC-USDT"} 1
+ledger_reconciliation_level{stream="ETH-USDT"} 0
+# TYPE ledger_applied_seq gauge
+ledger_applied_seq{stream="BTC-USDT"} 888
+ledger_applied_seq{stream="ETH-USDT"} 420
+# TYPE ledger_engine_seq gauge
+ledger_engine_seq{stream="BTC-USDT"} 900
+ledger_engine_seq{stream="ETH-USDT"} 420
+# TYPE ledger_stream_stopped gauge
+ledger_stream_stopped{stream="BTC-USDT"} 0
+ledger_stream_stopped{stream="ETH-USDT"} 0
 # TYPE ledger_invariants_ok gauge
-ledger_invariants_ok 1
+ledger_invariants_ok 0
+# TYPE ledger_invariant_check_ok gauge
+ledger_invariant_check_ok{check="tx_sums_zero"} 1
+ledger_invariant_check_ok{check="no_negative_balances"} 1
+ledger_invariant_check_ok{check="custody_equals_total"} 0
 # TYPE ledger_consumer_lag_messages gauge
 ledger_consumer_lag_messages 2
+# TYPE ledger_corrections_pending gauge
+ledger_corrections_pending 1
 """
+EDGE = """# TYPE auth_fail counter
+auth_fail_total{reason="bad_signature"} %d
+auth_fail_total{reason="timestamp_skew"} %d
+auth_fail_total{reason="unknown_key"} 4
+# TYPE replay_detect counter
+replay_detect_total 1
+# TYPE ws_connected_clients gauge
+ws_connected_clients 12
+"""
+
+
+def _audit() -> list[dict[str, Any]]:
+    """Three entries of a real hash chain (ledger.audit.entry_hash), newest first."""
+    out: list[dict[str, Any]] = []
+    prev = GENESIS_HASH
+    rows = [("ledger", "LatchEngage", {"symbol": "ETH-USDT", "mode": "CANCEL_ONLY", "cause": "lag:T2"},
+             "settlement lag 1200 on ETH-USDT beyond T2 for 5s", "LEDGER-LAG-ETH-USDT-1"),
+            ("alice:0123456789abcdef", "SetSymbolMode", {"symbol": "BTC-USDT", "mode": "CANCEL_ONLY"},
+             "invariant violation drill", "INC-41"),
+            ("alice:0123456789abcdef", "WithdrawalsHalt", {"on": True}, "custody mismatch", "INC-42")]
+    for i, (actor, action, params, reason, ticket) in enumerate(rows, 1):
+        fields = {"prev_hash": prev, "seq": i, "ts_ms": int(AT * 1000) - (4 - i) * 60_000, "actor": actor,
+                  "roles": ["operator"], "action": action, "params": params, "reason": reason, "ticket": ticket}
+        prev = entry_hash(fields)
+        out.append({**fields, "hash": prev})
+    return out[::-1]
+
+
+JOBS = [
+    {"name": "invariants", "schedule": "*/1 * * * *", "next_run_at": "2027-01-15T08:01:00Z",
+     "last_run": {"id": 41, "started_at": "2027-01-15T08:00:00Z", "ended_at": "2027-01-15T08:00:01Z",
+                  "outcome": "violation", "summary": "violation violation_count=1 custody_equals_total"}},
+    {"name": "reconciliation_summary", "schedule": "*/5 * * * *", "next_run_at": "2027-01-15T08:05:00Z",
+     "last_run": {"id": 40, "started_at": "2027-01-15T07:55:00Z", "ended_at": "2027-01-15T07:55:02Z",
+                  "outcome": "ok", "summary": "ok max_lag_events=12"}},
+    {"name": "snapshot_verify", "schedule": "0 * * * *", "next_run_at": "2027-01-15T09:00:00Z", "last_run": None},
+]
+CONFIG_JOBS = {"invariants": "*/1 * * * *", "reconciliation_summary": "*/5 * * * *", "snapshot_verify": "0 * * * *"}
 
 
 def _snapshot(state: SourceState) -> Snapshot:
     age = {SourceState.LIVE: 0.4, SourceState.STALE: 12.0, SourceState.DISCONNECTED: None}[state]
     err = None if state is SourceState.LIVE else "connection refused"
     sources = {n: SourceStatus(n, state, age, err) for n in SOURCE_NAMES}
-    sources["jobs"] = SourceStatus("jobs", SourceState.DISCONNECTED, None, "the jobs service has no API yet")
-    snap = Snapshot(at=1_800_000_000.0, sources=sources)
+    snap = Snapshot(at=AT, sources=sources)
     if state is SourceState.DISCONNECTED:
         return snap
-    snap.metrics = {"core": parse_metrics(CORE % (120, 900, 10.5)), "ledger": parse_metrics(LEDGER)}
-    snap.prev_metrics = {"core": (parse_metrics(CORE % (100, 700, 10.4)), 1.0)}
-    snap.admin: Any = {"modes": {"BTC-USDT": "NORMAL"}, "audit": {"seq": 0, "head": "0" * 64}}
-    snap.audit = []
-    snap.markets = [{"symbol": "BTC-USDT", "mode": "NORMAL"}]
-    snap.tickers = {"BTC-USDT": {"bestBid": "65000.00", "bestAsk": "65001.00", "last": "65000.50"}}
+    snap.metrics = {"core": parse_metrics(CORE % (120, 40, 900, 420, 10.5)), "ledger": parse_metrics(LEDGER),
+                    "edge": parse_metrics(EDGE % (30, 7))}
+    snap.prev_metrics = {"core": (parse_metrics(CORE % (100, 38, 700, 410, 10.4)), 1.0),
+                         "edge": (parse_metrics(EDGE % (25, 7)), 1.0)}
+    audit = _audit()
+    snap.admin = {"modes": {"BTC-USDT": "CANCEL_ONLY", "ETH-USDT": "CANCEL_ONLY"}, "withdrawalsHalted": True,
+                  "latches": {"ETH-USDT": {"symbol": "ETH-USDT", "engaged": True, "mode": "CANCEL_ONLY",
+                                           "cause": "lag:T2", "reason": "settlement lag beyond T2"}},
+                  "breakGlass": {"active": False}, "audit": {"seq": 3, "head": audit[0]["hash"]}}
+    snap.audit = audit
+    snap.markets = [{"symbol": "BTC-USDT", "mode": "CANCEL_ONLY"}, {"symbol": "ETH-USDT", "mode": "CANCEL_ONLY"}]
+    snap.tickers = {"BTC-USDT": {"bestBid": "65000.00", "bestAsk": "65001.00", "last": "65000.50"},
+                    "ETH-USDT": {"bestBid": "3400.10", "bestAsk": "3400.30", "last": "3400.20"}}
+    snap.jobs = JOBS
     return snap
 
 
-@pytest.mark.parametrize("state", list(SourceState))
+def _app(state: SourceState) -> CockpitApp:
+    return CockpitApp(StaticPoller(_snapshot(state)), poll_interval=0, jobs=CONFIG_JOBS)
+
+
+STATES = list(SourceState)
+
+
+@pytest.mark.parametrize("state", STATES)
 def test_overview_snapshot(snap_compare: Any, state: SourceState) -> None:
-    app = CockpitApp(StaticPoller(_snapshot(state)), poll_interval=0, jobs={"invariants": "*/1 * * * *"})
-    assert snap_compare(app, terminal_size=(150, 48))
+    """Every dashboard, down to the edge auth failures broken down by reason."""
+    assert snap_compare(_app(state), terminal_size=(150, 64))
 
 
-@pytest.mark.parametrize("state", [SourceState.LIVE, SourceState.DISCONNECTED])
+@pytest.mark.parametrize("state", STATES)
 def test_markets_snapshot(snap_compare: Any, state: SourceState) -> None:
-    app = CockpitApp(StaticPoller(_snapshot(state)), poll_interval=0)
-    assert snap_compare(app, press=["2"], terminal_size=(150, 30))
+    assert snap_compare(_app(state), press=["2"], terminal_size=(150, 30))
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_ledger_snapshot(snap_compare: Any, state: SourceState) -> None:
+    assert snap_compare(_app(state), press=["3"], terminal_size=(150, 30))
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_checks_snapshot(snap_compare: Any, state: SourceState) -> None:
+    assert snap_compare(_app(state), press=["4"], terminal_size=(150, 30))
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_audit_snapshot(snap_compare: Any, state: SourceState) -> None:
+    assert snap_compare(_app(state), press=["5"], terminal_size=(150, 30))
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_playbooks_snapshot(snap_compare: Any, state: SourceState) -> None:
+    assert snap_compare(_app(state), press=["6"], terminal_size=(150, 48))

@@ -1,12 +1,14 @@
 """Edge admin API over a real stack (`spotex up`): the reconciliation latch release (engaged by the
 ledger's own ``engage_latch``, as its reconciler does on a T2 breach) with clear problem+json for a
-bad or absent latch, the release audited and the market back to NORMAL; and the scheduled-checks
-endpoints when no jobs service answers."""
+bad or absent latch, the release audited and the market back to NORMAL; and the scheduled checks
+through the jobs service's NATS API (list, run now, refusals, a hung service)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,7 @@ def stack_endpoints(st: Stack) -> tuple[str, str, str]:
     return ep.pg_dsn, ep.nats_url, env.cfg.nats.evt_stream
 
 
-def engage_latch_on(st: Stack, symbol: str, mode: str = "CANCEL_ONLY") -> None:
+async def engage_latch_async(st: Stack, symbol: str, mode: str = "CANCEL_ONLY") -> None:
     """Engage ``symbol``'s latch exactly as the ledger's reconciler does (audited, mode sent to the core)."""
     import asyncpg
     import nats
@@ -45,22 +47,18 @@ def engage_latch_on(st: Stack, symbol: str, mode: str = "CANCEL_ONLY") -> None:
     from ledger.reconcile import CoreAdmin, engage_latch
 
     dsn, nats_url, _ = stack_endpoints(st)
-
-    async def go() -> None:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            assert await engage_latch(pool, CoreAdmin(pool, js), symbol, mode, "lag:T2", "test: lag beyond T2",
-                                      f"LEDGER-LAG-{symbol}-test")
-        finally:
-            await nc.close()
-            await pool.close()
-
-    asyncio.run(go())
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        assert await engage_latch(pool, CoreAdmin(pool, js), symbol, mode, "lag:T2", "test: lag beyond T2",
+                                  f"LEDGER-LAG-{symbol}-test")
+    finally:
+        await nc.close()
+        await pool.close()
 
 
-def wait_lag_zero(st: Stack, symbol: str, timeout: float = 30.0) -> None:
+async def wait_lag_zero_async(st: Stack, symbol: str, timeout: float = 30.0) -> None:
     """Until the ledger has settled every EVT message of ``symbol`` (the latch's mode change included)."""
     import asyncpg
     import nats
@@ -68,22 +66,27 @@ def wait_lag_zero(st: Stack, symbol: str, timeout: float = 30.0) -> None:
     from ledger.reconcile import lag_report
 
     dsn, nats_url, evt = stack_endpoints(st)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    nc = await nats.connect(nats_url)
+    rep: dict[str, Any] = {}
+    try:
+        for _ in range(int(timeout / 0.2)):
+            rep = (await lag_report(pool, nc.jetstream(), evt)).get(symbol, {})
+            if rep.get("lag") == 0:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"lag of {symbol} never reached 0: {rep}")
+    finally:
+        await nc.close()
+        await pool.close()
 
-    async def go() -> None:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-        nc = await nats.connect(nats_url)
-        try:
-            for _ in range(int(timeout / 0.2)):
-                rep = (await lag_report(pool, nc.jetstream(), evt)).get(symbol, {})
-                if rep.get("lag") == 0:
-                    return
-                await asyncio.sleep(0.2)
-            raise AssertionError(f"lag of {symbol} never reached 0: {rep}")
-        finally:
-            await nc.close()
-            await pool.close()
 
-    asyncio.run(go())
+def engage_latch_on(st: Stack, symbol: str, mode: str = "CANCEL_ONLY") -> None:
+    asyncio.run(engage_latch_async(st, symbol, mode))
+
+
+def wait_lag_zero(st: Stack, symbol: str, timeout: float = 30.0) -> None:
+    asyncio.run(wait_lag_zero_async(st, symbol, timeout))
 
 
 class Env:
@@ -185,18 +188,87 @@ def test_latch_release_through_the_admin_api_is_audited(env: Env) -> None:
     assert env.status()["audit"]["seq"] == head
 
 
-def test_jobs_endpoints_without_a_jobs_api_are_503(env: Env) -> None:
-    body = _problem(env.admin("viewer", "GET", "/v1/admin/jobs"), 503, "UNAVAILABLE")
-    assert "jobs" in body["detail"]
+def test_jobs_list_and_run_now_through_the_edge(env: Env) -> None:
+    r = env.admin("viewer", "GET", "/v1/admin/jobs")
+    assert r.status_code == 200, r.text
+    jobs = {j["name"]: j for j in r.json()["jobs"]}
+    assert {"invariants", "settlement_lag", "freshness"} <= set(jobs), jobs
+    assert jobs["invariants"]["schedule"] == "*/1 * * * *" and jobs["invariants"]["next_run_at"]
+
+    # Refused before anything is audited: role, ticket, a malformed name.
+    head = env.status()["audit"]["seq"]
     _problem(env.admin("viewer", "POST", "/v1/admin/jobs/invariants/run", {"reason": "r", "ticket": "t"}), 403,
              "AUTH_ROLE")
     _problem(env.admin("operator", "POST", "/v1/admin/jobs/invariants/run", {"reason": "r"}), 400,
              "AUDIT_TICKET_REQUIRED")
     _problem(env.admin("operator", "POST", "/v1/admin/jobs/Bad-Name/run", {"reason": "r", "ticket": "t"}), 400,
              "VALIDATION")
+    assert env.status()["audit"]["seq"] == head
+
     r = env.admin("operator", "POST", "/v1/admin/jobs/invariants/run", {"reason": "check now", "ticket": "INC-9"})
-    _problem(r, 503, "UNAVAILABLE")
-    # Audited before it ran, and its failure recorded after.
-    last = env.audit(2)
-    assert [e["action"] for e in last] == ["RunCheck.failed", "RunCheck"]
-    assert last[1]["params"] == {"job": "invariants"} and last[0]["params"]["error"] == "UNAVAILABLE"
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["job"] == "invariants" and isinstance(out["runId"], int) and out["outcome"] == "ok", out
+    assert out["summary"].startswith("ok")
+    entry = next(e for e in env.audit(10) if e["seq"] == out["auditSeq"])
+    assert entry["action"] == "RunCheck" and entry["params"] == {"job": "invariants"} and entry["ticket"] == "INC-9"
+    # The run is the job's last run in the list now.
+    last = {j["name"]: j for j in env.admin("viewer", "GET", "/v1/admin/jobs").json()["jobs"]}["invariants"]
+    assert last["last_run"]["id"] >= out["runId"] and last["last_run"]["outcome"] in ("ok", "violation", "error")
+
+    # An unknown job: audited, refused by the jobs service with its code, the failure recorded.
+    _problem(env.admin("operator", "POST", "/v1/admin/jobs/no_such_job/run", {"reason": "r", "ticket": "t"}), 404,
+             "UNKNOWN_JOB")
+    tail = env.audit(2)
+    assert [e["action"] for e in tail] == ["RunCheck.failed", "RunCheck"]
+    assert tail[0]["params"]["error"] == "UNKNOWN_JOB" and tail[1]["params"] == {"job": "no_such_job"}
+
+
+def test_jobs_list_is_503_while_the_jobs_service_does_not_answer(env: Env) -> None:
+    pid = next(c["pid"] for c in env.st.status()["components"] if c["name"] == "jobs")
+    assert pid
+    os.kill(pid, signal.SIGSTOP)  # a hung jobs service: subscribed, never answering
+    try:
+        body = _problem(env.admin("viewer", "GET", "/v1/admin/jobs"), 503, "UNAVAILABLE")
+        assert "jobs.list" in body["detail"], body
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for _ in range(50):
+        if env.admin("viewer", "GET", "/v1/admin/jobs").status_code == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the jobs list did not come back after the service resumed")
+
+
+@pytest.fixture(scope="module")
+def env2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """A stack where a latch release needs a distinct second approver (as in production)."""
+    keys = {n: Ed25519PrivateKey.generate() for n in ("approver", "approver2", "viewer")}
+    roles = {_raw_pub(k): ["approver"] for n, k in keys.items() if n != "viewer"}
+    roles[_raw_pub(keys["viewer"])] = ["viewer"]
+    data_dir: Path = tmp_path_factory.mktemp("edge-admin2") / "stack"
+    with stack(data_dir, env={"SPOTEX_SECURITY__ADMIN_KEYS": json.dumps(roles),
+                              "SPOTEX_LEDGER__LATCH_REQUIRES_SECOND_APPROVER": "true"}) as st:
+        yield Env(st, keys)
+
+
+def test_latch_release_with_a_second_approver(env2: Env) -> None:
+    sym = "BTC-USDT"
+    engage_latch_on(env2.st, sym)
+    wait_lag_zero(env2.st, sym)
+    body = {"reason": "reconciled", "ticket": "INC-50"}
+    b = _problem(env2.admin("approver", "POST", REL.format(sym), body), 409, "SECOND_APPROVER_REQUIRED")
+    assert "second approver" in b["detail"]
+    # The same approver again, or the other one on another ticket: still one approval for INC-50.
+    _problem(env2.admin("approver", "POST", REL.format(sym), body), 409, "SECOND_APPROVER_REQUIRED")
+    _problem(env2.admin("approver2", "POST", REL.format(sym), {**body, "ticket": "INC-51"}), 409,
+             "SECOND_APPROVER_REQUIRED")
+    assert env2.status()["latches"][sym]["engaged"] is True
+    r = env2.admin("approver2", "POST", REL.format(sym), body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    want = [_raw_pub(env2.keys[n])[:16] for n in ("approver", "approver2")]
+    assert [a.split(":")[-1] for a in out["approvers"]] == want and out["modeSet"] == "NORMAL"
+    rel = next(e for e in env2.audit(20) if e["seq"] == out["releaseAuditSeq"])
+    assert rel["action"] == "LatchRelease" and rel["params"]["approvers"] == out["approvers"]
+    assert env2.status()["latches"][sym]["engaged"] is False
