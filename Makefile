@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-dev lint typecheck pytest clean
+.PHONY: run test install install-dev lint typecheck pytest native clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ typecheck:
 
 pytest:
 	$(BIN)/pytest -q
+
+## make native (optional, needs a C compiler): compile the engine with mypyc, verify it against the
+## pure-Python reference and stamp it; SPOTEX_ENGINE=native then selects it (docs/engine.md).
+native: install-dev
+	$(BIN)/spotex core build-native
 
 clean:
 	rm -rf $(VENV) build .spotex
