@@ -132,7 +132,17 @@ async def test_cancel_all_reaches_the_core_and_the_audit_chain(cockpit_stack: Co
     async with app.run_test(size=(160, 50)) as pilot:
         await _until(pilot, lambda: app.model.snapshot is not None and app.model.snapshot.admin is not None)
         app.call_later(app.open_control, "cancel_all", symbol="BTC-USDT")
-        await _confirm(pilot, app, "ca", "T-3", "BTC-USDT", "every open order of BTC-USDT")
+        await _until(pilot, lambda: isinstance(app.screen, ControlScreen))
+        await _until(pilot, lambda: "every open order of BTC-USDT" in str(app.screen.query_one("#impact",
+                                                                                                Static).render()))
+        await _set_control_fields(pilot, "ca", "", "BTC-USDT")
+        assert app.screen.query_one("#confirm", Button).disabled  # no ticket: the control cannot be sent
+        await pilot.click("#confirm")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, ControlScreen) and not app.actions
+        await pilot.click("#ticket")
+        await pilot.press(*"T-3")
+        await pilot.click("#confirm")
         await _until(pilot, lambda: bool(app.actions) and app.actions[-1].done)
         action = app.actions[-1]
         assert action.state == "APPLIED", action
