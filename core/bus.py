@@ -7,6 +7,10 @@ Subjects:
   ``<stream>:<seq>``; the core publishes with ``Nats-Expected-Last-Subject-Sequence`` so only one
   writer can extend a symbol's log.
 - KV bucket ``core_lease``: the leader lease; its revision is the fencing token.
+- KV bucket ``symbol_throttle``: per-symbol limits on new orders per second that every edge enforces
+  (key ``<symbol>.<layer>``, layer ``operator`` or ``policy``, value a JSON :class:`SymbolThrottle`;
+  a deleted key is no throttle). Written by the edge's admin API and by the jobs service's
+  settlement-lag policy, each after its audit entry; watched by every edge (docs/api.md).
 
 Durability per stream. SEQ (the journal) and EVT are written with the server's default persistence
 (with ``sync_interval: always``, fsynced before the PubAck) and the core writes one message per
@@ -23,22 +27,32 @@ the fsync per command. The mode is fixed when a stream is created; an existing C
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+import msgspec
 
 __all__ = [
     "CMD_PREFIX",
     "EVT_PREFIX",
     "LEASE_BUCKET",
     "SYS_STREAM",
+    "THROTTLE_BUCKET",
+    "THROTTLE_LAYERS",
+    "SymbolThrottle",
     "cmd_subject",
     "ensure_streams",
     "evt_subject",
+    "throttle_bucket",
+    "throttle_key",
 ]
 
 CMD_PREFIX = "cmd"
 EVT_PREFIX = "evt"
 SYS_STREAM = "_sys"
 LEASE_BUCKET = "core_lease"
+THROTTLE_BUCKET = "symbol_throttle"
+ThrottleLayer = Literal["operator", "policy"]
+THROTTLE_LAYERS: tuple[ThrottleLayer, ...] = ("operator", "policy")
 
 
 def cmd_subject(symbol: str | None) -> str:
@@ -106,3 +120,35 @@ async def ensure_streams(
             KeyValueConfig(bucket=LEASE_BUCKET, history=1, ttl=lease_ttl_s, storage=StorageType.FILE,
                            replicas=replicas)
         )
+
+
+class SymbolThrottle(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """One layer of a symbol's throttle (the value in ``symbol_throttle``). The edge enforces the
+    strictest layer present: ``orders_per_s`` refill, ``burst`` capacity, per edge process."""
+
+    symbol: str
+    layer: ThrottleLayer
+    orders_per_s: int
+    burst: int
+    actor: str
+    reason: str
+    ticket: str
+    audit_seq: int
+    set_at_ms: int
+
+
+def throttle_key(symbol: str, layer: str) -> str:
+    return f"{symbol}.{layer}"
+
+
+async def throttle_bucket(js: Any, *, replicas: int = 1) -> Any:
+    """The ``symbol_throttle`` KV bucket, created on first use (file storage, last 10 revisions per
+    key kept for forensics). Safe to call from several processes at once."""
+    from nats.js.api import KeyValueConfig, StorageType
+    from nats.js.errors import BucketNotFoundError, NotFoundError
+
+    try:
+        return await js.key_value(THROTTLE_BUCKET)
+    except (BucketNotFoundError, NotFoundError):
+        return await js.create_key_value(KeyValueConfig(bucket=THROTTLE_BUCKET, history=10, storage=StorageType.FILE,
+                                                        replicas=replicas))

@@ -389,3 +389,124 @@ async def job_run(request: Request[Any, Any, Any], name: str, data: AdminIn) -> 
 
 ROUTES = [set_mode, admin_cancel_all, withdrawals_halt, latch_release, break_glass_enable, break_glass_disable,
           break_glass_status, admin_status, audit_list, audit_export, jobs_list, job_run]
+
+
+# --- symbol throttle (per-symbol new-order limit; edge.throttle, KV bucket symbol_throttle) --------
+
+
+class ThrottleIn(AdminIn, kw_only=True, forbid_unknown_fields=True):
+    ordersPerSecond: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    burst: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None  # default: one second's worth
+
+
+class ThrottleClearIn(AdminIn, kw_only=True, forbid_unknown_fields=True):
+    layer: Annotated[str, msgspec.Meta(pattern="^(operator|policy|all)$")] = "operator"
+
+
+async def _audited_entry(st: EdgeState, ident: OperatorIdentity, action: str, params: dict[str, Any], body: AdminIn,
+                         act: Any) -> Any:
+    """As :func:`_audited`, but ``act`` receives the audit entry (its seq is stored with the setting)."""
+    entry = await audit.append(st.pool, ident, action, params, body.reason, body.ticket)
+    try:
+        result = await act(entry)
+    except Exception as exc:
+        code = exc.code if isinstance(exc, SpotexError) else "INTERNAL"
+        with contextlib.suppress(Exception):
+            await audit.append(st.pool, ident, f"{action}.failed", {**params, "error": code, "audit_seq": entry.seq},
+                               body.reason, body.ticket)
+        raise
+    return entry, result
+
+
+@post("/v1/admin/symbols/{symbol:str}/throttle", status_code=200, responses=ADMIN_ERRORS, security=_SEC,
+      tags=["admin"], summary="SetSymbolThrottle (operator): limit NEW orders/s on a symbol across all traders")
+async def throttle_set(request: Request[Any, Any, Any], symbol: str, data: ThrottleIn) -> Response[Any]:
+    """Audited (``SetSymbolThrottle``) before it is written to ``symbol_throttle`` (operator layer),
+    which every edge watches. Cancels are never throttled."""
+    from core.bus import SymbolThrottle, throttle_bucket, throttle_key
+
+    st = edge_state(request)
+    ident = await st.authenticate_operator(request, "operator")
+    _symbol(st, symbol)
+    if st.js is None:
+        raise SpotexError("UNAVAILABLE", detail="the edge has no JetStream connection")
+    burst = data.burst if data.burst is not None else data.ordersPerSecond
+    params = {"symbol": symbol, "layer": "operator", "orders_per_s": data.ordersPerSecond, "burst": burst}
+    js = st.js
+
+    async def act(entry: Any) -> Any:
+        s = SymbolThrottle(symbol=symbol, layer="operator", orders_per_s=data.ordersPerSecond, burst=burst,
+                           actor=ident.actor, reason=data.reason.strip(), ticket=data.ticket.strip(),
+                           audit_seq=entry.seq, set_at_ms=time.time_ns() // 1_000_000)
+        kv = await throttle_bucket(js)
+        rev = await kv.put(throttle_key(symbol, "operator"), msgspec.json.encode(s))
+        return s, rev
+
+    entry, (s, rev) = await _audited_entry(st, ident, "SetSymbolThrottle", params, data, act)
+    if st.throttle is not None:
+        st.throttle.set_local(s)
+    eff = st.throttle.effective(symbol) if st.throttle is not None else s
+    return json_response({"symbol": symbol, "layer": "operator", "ordersPerSecond": s.orders_per_s, "burst": burst,
+                          "effective": {"ordersPerSecond": eff.orders_per_s, "burst": eff.burst, "layer": eff.layer}
+                          if eff is not None else None, "revision": rev, "auditSeq": entry.seq})
+
+
+@post("/v1/admin/symbols/{symbol:str}/throttle/clear", status_code=200, responses=ADMIN_ERRORS, security=_SEC,
+      tags=["admin"], summary="ClearSymbolThrottle (operator): the operator's layer, the policy's, or all")
+async def throttle_clear(request: Request[Any, Any, Any], symbol: str, data: ThrottleClearIn) -> Response[Any]:
+    """Audited (``ClearSymbolThrottle``) before the keys are deleted. Clearing the ``policy`` layer
+    lifts the settlement-lag job's throttle now; the job sets it again on its next run if the lag is
+    still at or beyond T2. 404 THROTTLE_NOT_SET (nothing audited) when the layer(s) hold nothing."""
+    from core.bus import throttle_bucket, throttle_key
+    from edge.throttle import read_settings
+
+    st = edge_state(request)
+    ident = await st.authenticate_operator(request, "operator")
+    _symbol(st, symbol)
+    if st.js is None:
+        raise SpotexError("UNAVAILABLE", detail="the edge has no JetStream connection")
+    kv = await throttle_bucket(st.js)
+    present = (await read_settings(kv)).get(symbol, {})
+    layers = [la for la in ("operator", "policy") if data.layer in (la, "all") and la in present]
+    if not layers:
+        raise SpotexError("THROTTLE_NOT_SET", detail=f"{symbol} has no {data.layer} throttle")
+    params = {"symbol": symbol, "layers": layers,
+              "was": {la: {"orders_per_s": present[la][0].orders_per_s, "actor": present[la][0].actor}
+                      for la in layers}}
+
+    async def act() -> Any:
+        for la in layers:
+            await kv.delete(throttle_key(symbol, la))
+        return layers
+
+    entry, _ = await _audited(st, ident, "ClearSymbolThrottle", params, data, act)
+    if st.throttle is not None:
+        for la in layers:
+            st.throttle.clear_local(symbol, la)
+    eff = st.throttle.effective(symbol) if st.throttle is not None else None
+    return json_response({"symbol": symbol, "cleared": layers,
+                          "effective": {"ordersPerSecond": eff.orders_per_s, "burst": eff.burst, "layer": eff.layer}
+                          if eff is not None else None, "auditSeq": entry.seq})
+
+
+@get("/v1/admin/throttles", responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
+     summary="Symbol throttles: every layer in symbol_throttle and what this edge enforces (viewer)")
+async def throttle_list(request: Request[Any, Any, Any]) -> Response[Any]:
+    from core.bus import throttle_bucket
+    from edge.throttle import read_settings
+
+    st = edge_state(request)
+    await st.authenticate_operator(request, "viewer")
+    if st.js is None:
+        raise SpotexError("UNAVAILABLE", detail="the edge has no JetStream connection")
+    stored = await read_settings(await throttle_bucket(st.js))
+    enforced = st.throttle.snapshot() if st.throttle is not None else {}
+    out = {sym: {"layers": {la: {"ordersPerSecond": s.orders_per_s, "burst": s.burst, "actor": s.actor,
+                                 "reason": s.reason, "ticket": s.ticket, "auditSeq": s.audit_seq,
+                                 "setAtMs": s.set_at_ms, "revision": rev} for la, (s, rev) in layers.items()},
+                 "enforced": enforced.get(sym)}
+           for sym, layers in sorted(stored.items())}
+    return json_response({"throttles": out})
+
+
+ROUTES += [throttle_set, throttle_clear, throttle_list]

@@ -98,6 +98,7 @@ class EdgeState:
     md: Any = None
     hub: Any = None
     modes: dict[str, str] = field(default_factory=dict)
+    throttle: Any = None  # edge.throttle.ThrottleBook: per-symbol new-order throttles (symbol_throttle KV)
     withdrawals_halted: bool | None = None
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     _ready_cache: tuple[float, str | None] = (0.0, "starting")
@@ -172,7 +173,8 @@ class EdgeState:
             try:
                 return await handler()
             except SpotexError as exc:
-                if exc.status < 500 and not exc.code.startswith("IDEMPOTENCY_") and exc.code != "RATE_LIMITED":
+                # A 429 (rate limit, symbol throttle) is not the request's outcome: a retry may pass.
+                if exc.status < 500 and not exc.code.startswith("IDEMPOTENCY_") and exc.status != 429:
                     return problem_stored(exc, instance, order_call=order_call)
                 raise
 
@@ -210,6 +212,8 @@ class EdgeState:
             return f"postgres: {type(exc).__name__}"
         if self.core is None:
             return "core: no client"
+        if self.throttle is not None and not self.throttle.loaded:
+            return "throttle: symbol_throttle not loaded"
         try:
             st = await self.core.query("status", timeout=1.5)
         except SpotexError:
@@ -458,6 +462,10 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
                                 order_timeout_ms=cfg.edge.order_timeout_ms)
         state.core.listeners.append(state.on_events)
         await state.core.start()
+        from edge.throttle import ThrottleBook
+
+        state.throttle = ThrottleBook()
+        await state.throttle.start(state.js)
         if state.md is not None:
             try:
                 await state.md.start(state.nc, state.js, cfg.nats.evt_stream)
@@ -473,6 +481,8 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
             yield
         finally:
             purge.cancel()
+            with contextlib.suppress(Exception):
+                await state.throttle.stop()
             if state.hub is not None:
                 with contextlib.suppress(Exception):
                     await state.hub.stop()

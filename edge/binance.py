@@ -342,6 +342,9 @@ async def new_order(request: Request[Any, Any, Any]) -> Response[Any]:
     try:
         o = await place_order(st, p.account_id, body, correlation_for(p.api_key, None))
     except SpotexError as exc:
+        if exc.code == "SYMBOL_THROTTLED":  # Binance's TOO_MANY_ORDERS, 429 with Retry-After
+            raise BinanceError(-1015, f"Too many new orders; {exc.detail}", exc.code, status=429,
+                               headers=exc.headers) from None
         if exc.code in ("TICK_SIZE", "LOT_SIZE", "INVALID_PRICE", "INVALID_QTY", "INVALID_AMOUNT"):
             raise BinanceError(-1013, f"Filter failure: {exc.code}: {exc.detail}", exc.code) from None
         if exc.code == "MIN_NOTIONAL":

@@ -87,6 +87,9 @@ register("AUTH_SCOPE", 403, "Missing scope", "The API key lacks the scope the en
 register("AUTH_ROLE", 403, "Missing role", "The operator key lacks the role the admin action needs.")
 register("RATE_LIMITED", 429, "Too many requests",
          "The per-key or per-IP token bucket is empty; wait Retry-After seconds.")
+register("SYMBOL_THROTTLED", 429, "Symbol throttled",
+         "New orders on this symbol are over its throttle (orders per second across all traders, set by an "
+         "operator or the settlement-lag policy); wait Retry-After seconds. Cancels are never throttled.")
 register("IDEMPOTENCY_KEY_INVALID", 400, "Invalid Idempotency-Key",
          "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-].")
 register("IDEMPOTENCY_CONFLICT", 409, "Idempotency-Key reused",
@@ -131,6 +134,8 @@ register("ENGINE_UNAVAILABLE", 503, "Engine unavailable",
          "The engine's seq (EVT on JetStream) cannot be read, so the lag cannot be checked.", order_execution=None)
 register("CORE_UNAVAILABLE", 503, "Core unavailable",
          "The command could not be sent to the core; the latch stays engaged (safe side).", order_execution=None)
+register("THROTTLE_NOT_SET", 404, "No throttle on this symbol",
+         "The symbol has no throttle in the layer(s) the clear names.", order_execution=None)
 register("UNKNOWN_JOB", 404, "Unknown job", "The jobs service has no scheduled check of this name.",
          order_execution=None)
 register("JOB_RUNNING", 409, "Job running", "The scheduled check is running now; wait for its result.",
@@ -249,6 +254,7 @@ def to_problem(exc: BaseException, instance: str, *, order_call: bool = False) -
 # Our codes -> Binance's, for errors raised outside the facade's own checks.
 _BINANCE_CODES: dict[str, int] = {
     "RATE_LIMITED": -1003,
+    "SYMBOL_THROTTLED": -1015,  # Binance's TOO_MANY_ORDERS ("Too many new orders")
     "VALIDATION": -1102,
     "UNKNOWN_SYMBOL": -1121,
     "AUTH_MISSING": -2014,

@@ -305,6 +305,8 @@ async def find_order(st: EdgeState, account_id: int, *, order_id: int | None = N
 async def place_order(st: EdgeState, principal_account: int, body: PlaceOrderIn, corr: str) -> OrderOut:
     assert st.core is not None
     cmd = parse_place(st, body, principal_account)
+    if st.throttle is not None:  # per-symbol new-order throttle (edge.throttle): 429 SYMBOL_THROTTLED
+        st.throttle.check(cmd.symbol)
     m = st.markets[cmd.symbol]
     res = await st.core.submit(cmd, corr, symbol=cmd.symbol)
     return order_from_events(res, m)

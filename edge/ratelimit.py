@@ -17,6 +17,9 @@ docs/security.md.
 ``ratelimit_drops_total`` is labelled only by ``scope`` (key | ip): a per-key or per-IP label would
 create one time series per client and let an attacker blow up the metrics store. Offenders are
 found from the edge's structured logs instead.
+
+The same bucket also serves the per-symbol order throttle (``edge.throttle``, scope ``symbol``),
+which counts its refusals in its own per-symbol metric (symbols are a short, operator-made list).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from spotex.config import EdgeSection
 
 __all__ = ["EdgeRateLimiter", "RateDecision", "TokenBucketLimiter"]
 
-Scope = Literal["key", "ip"]
+Scope = Literal["key", "ip", "symbol"]
 
 RATELIMIT_DROPS = Counter("ratelimit_drops", "Requests refused by a rate limit", ["scope"])
 
@@ -79,12 +82,13 @@ class TokenBucketLimiter:
     """
 
     def __init__(self, rate_per_s: float, burst: int, *, scope: Scope, max_buckets: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, count_drops: bool = True) -> None:
         if rate_per_s <= 0 or burst < 1:
             raise ValueError("rate_per_s must be > 0 and burst >= 1")
         self.rate = float(rate_per_s)
         self.burst = int(burst)
         self.scope: Scope = scope
+        self.count_drops = count_drops
         self.max_buckets = max_buckets
         self._clock = clock
         # key -> (tokens, last refill time); insertion order = least recently used first
@@ -117,13 +121,24 @@ class TokenBucketLimiter:
         allowed = tokens + 1e-9 >= cost
         if allowed:
             tokens -= cost
-        else:
+        elif self.count_drops:
             RATELIMIT_DROPS.labels(self.scope).inc()
         self._buckets[key] = (tokens, now)
         self._buckets.move_to_end(key)
         while len(self._buckets) > self.max_buckets:
             self._buckets.popitem(last=False)
         return self._decision(allowed, tokens, cost)
+
+    def retune(self, rate_per_s: float, burst: int) -> None:
+        """Change the rate and capacity in place. Buckets keep what they hold (capped at the new
+        capacity), so tightening takes effect at once and a change never hands out a fresh burst."""
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        now = self._clock()
+        for key in list(self._buckets):
+            self._buckets[key] = (min(float(burst), self._tokens(key, now)), now)
+        self.rate = float(rate_per_s)
+        self.burst = int(burst)
 
     def peek(self, key: str, cost: int = 1) -> RateDecision:
         """What :meth:`take` would decide, without charging or counting a drop."""

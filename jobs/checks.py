@@ -21,6 +21,7 @@ breaks its limit; each violation carries a recommended action. It writes ``safet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import hashlib
 import hmac
@@ -46,6 +47,7 @@ __all__ = [
     "evaluate_budgets",
     "lag_policy_target",
     "lag_policy_thresholds",
+    "lag_throttle_rate",
     "sign_webhook",
 ]
 
@@ -179,13 +181,18 @@ def lag_policy_thresholds(cfg: Any) -> tuple[int, int, int]:
 
 
 def lag_policy_target(lag: int, t2: int, t3: int) -> str:
-    """Seed §3.2: above T3 SOFT_HALT; above T2 throttle new orders, which the core can only do as
-    CANCEL_ONLY (no new orders, cancels allowed): it has no partial per-symbol order throttle."""
+    """Seed §3.2: at or above T3 ``SOFT_HALT`` (and throttled); at or above T2 ``THROTTLE`` (new
+    orders limited per second on the symbol, at every edge); else ``NORMAL``."""
     if lag >= t3:
         return "SOFT_HALT"
     if lag >= t2:
-        return "CANCEL_ONLY"
+        return "THROTTLE"
     return "NORMAL"
+
+
+def lag_throttle_rate(cfg: Any) -> int:
+    """The policy's throttle (new orders/s on the symbol, burst the same): ``[jobs] lag_throttle_orders_per_s``."""
+    return max(1, int(getattr(cfg.jobs, "lag_throttle_orders_per_s", 50))) if cfg is not None else 50
 
 
 async def core_symbol_mode(ctx: JobContext, symbol: str) -> str | None:
@@ -225,15 +232,96 @@ async def _apply_mode(ctx: JobContext, symbol: str, mode: str, reason: str, para
                                                                        params=params)
 
 
+async def _policy_throttles(ctx: JobContext) -> tuple[Any, dict[str, tuple[dict[str, Any], int]]] | None:
+    """The ``symbol_throttle`` bucket and its policy layer: symbol -> (value, KV revision); None
+    without JetStream (the throttle part of the policy is then unavailable, said in the output)."""
+    from core.bus import throttle_bucket
+
+    if ctx.js is None:
+        return None
+    kv = await throttle_bucket(ctx.js)
+    out: dict[str, tuple[dict[str, Any], int]] = {}
+    w = await kv.watch("*.policy")
+    try:
+        while True:
+            e = await w.updates(timeout=5.0)
+            if e is None:
+                break
+            if e.operation is None and e.value:
+                with contextlib.suppress(ValueError):
+                    v = json.loads(e.value)
+                    if isinstance(v, dict) and v.get("layer") == "policy" and isinstance(v.get("symbol"), str):
+                        out[v["symbol"]] = (v, int(e.revision))
+            if not e.delta:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await w.stop()
+    return kv, out
+
+
+async def _set_throttle(ctx: JobContext, kv: Any, symbol: str, rate: int, reason: str, params: dict[str, Any],
+                        last: int | None) -> tuple[int, int]:
+    """Audit (actor ``jobs:settlement_lag``, ``SetSymbolThrottle``) then write the policy layer. The
+    write is conditional on the revision read (``last``; None: the key must not exist), so a
+    concurrent change is never overwritten blindly. (audit seq, KV revision)."""
+    import msgspec
+
+    from core.bus import SymbolThrottle, throttle_key
+    from ledger import audit
+
+    ticket = f"JOBS-LAG-{symbol}-{int(ctx.now())}"
+    entry = await audit.append(ctx.pool, POLICY_ACTOR, "SetSymbolThrottle",
+                               {**params, "layer": "policy", "orders_per_s": rate, "burst": rate}, reason, ticket)
+    value = msgspec.json.encode(SymbolThrottle(
+        symbol=symbol, layer="policy", orders_per_s=rate, burst=rate, actor=POLICY_ACTOR, reason=reason,
+        ticket=ticket, audit_seq=entry.seq, set_at_ms=int(ctx.now() * 1000)))
+    try:
+        key = throttle_key(symbol, "policy")
+        rev = await (kv.create(key, value) if last is None else kv.update(key, value, last=last))
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await audit.append(ctx.pool, POLICY_ACTOR, "SetSymbolThrottle.failed",
+                               {"symbol": symbol, "error": type(exc).__name__, "audit_seq": entry.seq}, reason, ticket)
+        raise
+    return entry.seq, int(rev)
+
+
+async def _lift_throttle(ctx: JobContext, kv: Any, symbol: str, reason: str, params: dict[str, Any],
+                         last: int) -> int:
+    """Audit (``ClearSymbolThrottle``) then delete the policy layer, conditional on the revision the
+    job read: only the policy's own key is ever touched, never the operator's."""
+    from core.bus import throttle_key
+    from ledger import audit
+
+    ticket = f"JOBS-LAG-{symbol}-{int(ctx.now())}"
+    entry = await audit.append(ctx.pool, POLICY_ACTOR, "ClearSymbolThrottle",
+                               {**params, "layers": ["policy"]}, reason, ticket)
+    try:
+        await kv.delete(throttle_key(symbol, "policy"), last=last)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await audit.append(ctx.pool, POLICY_ACTOR, "ClearSymbolThrottle.failed",
+                               {"symbol": symbol, "error": type(exc).__name__, "audit_seq": entry.seq}, reason, ticket)
+        raise
+    return entry.seq
+
+
 async def check_settlement_lag(ctx: JobContext) -> JobResult:
-    """Settlement lag report and policy (seed §3.2), per symbol stream: lag >= T2 -> CANCEL_ONLY
-    (new orders throttled to none), lag >= T3 -> SOFT_HALT, each audited with actor
-    ``jobs:settlement_lag`` before the command goes to the core. A mode the policy set is lifted
-    (audited, back to NORMAL) once the lag is under ``lag_warn_seq`` again, unless someone else
-    changed the mode since (an operator, the ledger's latch) or the ledger's latch is engaged on the
-    symbol: those stay theirs. Only ever tightens what the core has; ``_sys`` is reported only (the
-    ledger's latch halts withdrawals). Acts independently of the ledger service, so the policy holds
-    even when the ledger itself is what stalls."""
+    """Settlement lag report and policy (seed §3.2), per symbol stream:
+
+    - lag >= T2: **throttle** new orders on the symbol (``[jobs] lag_throttle_orders_per_s``, the
+      ``policy`` layer of the ``symbol_throttle`` KV bucket that every edge enforces; cancels pass);
+    - lag >= T3: also ``SOFT_HALT`` in the core;
+    - each change audited with actor ``jobs:settlement_lag`` before it takes effect.
+
+    Recovery: once the lag is under ``lag_warn_seq`` the job lifts what it set (audited): its throttle
+    (only the policy layer: an operator's throttle is never touched) and its mode (back to NORMAL,
+    unless someone else changed the mode since (an operator, the ledger's latch) or the ledger's latch
+    is engaged on the symbol: those stay theirs). Between ``lag_warn_seq`` and T2 both hold
+    (hysteresis). Only ever tightens the core's mode; ``_sys`` is reported only (the ledger's latch
+    halts withdrawals). Acts independently of the ledger service, so the policy holds even when the
+    ledger itself is what stalls."""
     if ctx.pool is None:
         return _not_available("no PostgreSQL connection")
     try:
@@ -245,6 +333,7 @@ async def check_settlement_lag(ctx: JobContext) -> JobResult:
             return _not_available("ledger tables not migrated", exc)
         raise
     recovered, t2, t3 = lag_policy_thresholds(ctx.cfg)
+    rate = lag_throttle_rate(ctx.cfg)
     now_ms = int(ctx.now() * 1000)
     per: dict[str, dict[str, Any]] = {}
     for s, v in lag.items():
@@ -253,45 +342,93 @@ async def check_settlement_lag(ctx: JobContext) -> JobResult:
                   "engine_seq": v.get("engine_seq"), "ledger_seq": v.get("ledger_seq")}
     worst = max((int(p["lag_events"]) for p in per.values()), default=0)
     imposed = await _policy_imposed(ctx)
+    try:
+        thr = await _policy_throttles(ctx)
+    except Exception as exc:
+        thr = None
+        throttle_error: str | None = f"{type(exc).__name__}: {exc}"[:200]
+    else:
+        throttle_error = None if thr is not None else "no JetStream connection"
+    kv, throttled = thr if thr is not None else (None, {})
     actions: list[dict[str, Any]] = []
     unapplied: list[str] = []
+    throttle_unapplied: list[str] = []
     for s, p in sorted(per.items()):
         if s.startswith("_") or p["engine_seq"] is None:
             continue
         n = int(p["lag_events"])
         target = lag_policy_target(n, t2, t3)
         p["policy_level"] = target
+        params = {"symbol": s, "lag": n, "t2": t2, "t3": t3, "recovered_below": recovered}
+
+        # The throttle: set at T2 and beyond, lifted below the warn level.
+        ours_thr = throttled.get(s)
+        if target != "NORMAL" and (ours_thr is None or int(ours_thr[0].get("orders_per_s", 0)) != rate):
+            if kv is None:
+                throttle_unapplied.append(s)
+            else:
+                reason = f"settlement lag {n} on {s} beyond T2 ({t2}): new orders throttled to {rate}/s"
+                try:
+                    seq, rev = await _set_throttle(ctx, kv, s, rate, reason, params,
+                                                   ours_thr[1] if ours_thr is not None else None)
+                except Exception as exc:
+                    throttle_unapplied.append(s)
+                    p["throttle_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                else:
+                    actions.append({"symbol": s, "kind": "throttle", "from": "UNTHROTTLED" if ours_thr is None else
+                                    f"THROTTLE {ours_thr[0].get('orders_per_s')}/s", "to": "THROTTLE",
+                                    "orders_per_s": rate, "lag": n, "audit_seq": seq, "reason": reason})
+                    throttled[s] = ({"orders_per_s": rate, "burst": rate, "audit_seq": seq}, rev)
+        elif ours_thr is not None and n < recovered and kv is not None:
+            reason = f"settlement lag on {s} back to {n} (< {recovered}): lifting the lag policy's throttle"
+            try:
+                seq = await _lift_throttle(ctx, kv, s, reason, params, ours_thr[1])
+            except Exception as exc:
+                throttle_unapplied.append(s)
+                p["throttle_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            else:
+                actions.append({"symbol": s, "kind": "throttle", "from": "THROTTLE", "to": "UNTHROTTLED",
+                                "lag": n, "audit_seq": seq, "reason": reason})
+                throttled.pop(s)
+        p["policy_throttle_orders_per_s"] = int(throttled[s][0].get("orders_per_s", 0)) if s in throttled else None
+
+        # The mode: SOFT_HALT at T3 and beyond, lifted below the warn level.
+        target_mode = "SOFT_HALT" if target == "SOFT_HALT" else "NORMAL"
         ours = imposed.get(s)
-        if target == "NORMAL" and ours is None:
+        if target_mode == "NORMAL" and ours is None:
             continue
         current = await core_symbol_mode(ctx, s)
         p["core_mode"] = current
         if current is None:
             unapplied.append(s)
             continue
-        params = {"symbol": s, "lag": n, "t2": t2, "t3": t3, "recovered_below": recovered}
-        if _MODE_RANK.get(target, 0) > _MODE_RANK.get(current, 0):
-            t = "T3" if target == "SOFT_HALT" else "T2"
-            reason = f"settlement lag {n} on {s} beyond {t} ({t3 if t == 'T3' else t2})"
-            seq = await _apply_mode(ctx, s, target, reason, {**params, "mode": target, "from": current})
-            actions.append({"symbol": s, "from": current, "to": target, "lag": n, "audit_seq": seq, "reason": reason})
-            imposed[s] = target
+        if _MODE_RANK.get(target_mode, 0) > _MODE_RANK.get(current, 0):
+            reason = f"settlement lag {n} on {s} beyond T3 ({t3})"
+            mseq = await _apply_mode(ctx, s, target_mode, reason, {**params, "mode": target_mode, "from": current})
+            actions.append({"symbol": s, "kind": "mode", "from": current, "to": target_mode, "lag": n,
+                            "audit_seq": mseq, "reason": reason})
+            imposed[s] = target_mode
         elif ours is not None and current != ours:
             imposed.pop(s)  # changed by someone else since: theirs now
         elif ours is not None and n < recovered and not (latches.get(s) or {}).get("engaged"):
             reason = f"settlement lag on {s} back to {n} (< {recovered}): lifting {ours} set by the lag policy"
-            seq = await _apply_mode(ctx, s, "NORMAL", reason, {**params, "mode": "NORMAL", "from": ours})
-            actions.append({"symbol": s, "from": ours, "to": "NORMAL", "lag": n, "audit_seq": seq, "reason": reason})
+            mseq = await _apply_mode(ctx, s, "NORMAL", reason, {**params, "mode": "NORMAL", "from": ours})
+            actions.append({"symbol": s, "kind": "mode", "from": ours, "to": "NORMAL", "lag": n, "audit_seq": mseq,
+                            "reason": reason})
             imposed.pop(s)
     levels = [p.get("policy_level", "NORMAL") for p in per.values()]
-    action = "SOFT_HALT" if "SOFT_HALT" in levels else ("CANCEL_ONLY" if "CANCEL_ONLY" in levels else "NONE")
+    action = "SOFT_HALT" if "SOFT_HALT" in levels else ("THROTTLE" if "THROTTLE" in levels else "NONE")
     out: dict[str, Any] = {
         "streams": per, "max_lag_events": worst, "t2": t2, "t3": t3, "recovered_below": recovered,
-        "policy": {"actor": POLICY_ACTOR, "imposed": imposed, "actions": actions, "core_mode_unknown": unapplied},
+        "throttle_orders_per_s": rate,
+        "policy": {"actor": POLICY_ACTOR, "imposed": imposed, "actions": actions, "core_mode_unknown": unapplied,
+                   "throttled": {sym: int(v.get("orders_per_s", 0)) for sym, (v, _rev) in sorted(throttled.items())},
+                   "throttle_unapplied": throttle_unapplied, "throttle_error": throttle_error},
         "recommended_action": action,
     }
     ctx.write_evidence("settlement-lag-latest.json", out)
-    return JobResult("ok" if action == "NONE" and not unapplied else "violation", out)
+    clean = action == "NONE" and not unapplied and not throttle_unapplied
+    return JobResult("ok" if clean else "violation", out)
 
 
 # ------------------------------------------------------------------------------------------------

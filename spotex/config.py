@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "CoreSection",
     "DemoSection",
+    "DrSection",
     "EdgeSection",
     "JobsSection",
     "KafkaSection",
@@ -149,6 +150,8 @@ class JobsSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     anomaly_ws_slow_closes_threshold: float = 20
     anomaly_ws_resume_gaps_threshold: float = 20
     misfire_grace_s: int = 60
+    # Settlement lag policy at T2: the throttle on the symbol's new orders (orders/s across all traders).
+    lag_throttle_orders_per_s: int = 50
 
 
 class SecuritySection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -186,6 +189,13 @@ class DemoSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     orders_per_s: int = 50
 
 
+class DrSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Disaster recovery targets the DR rehearsal (`spotex drill dr-rehearsal`) judges against:
+    # RTO = restore + replay + invariant check; RPO = acknowledged data missing after the restore.
+    rto_target_s: int = 1_800
+    rpo_target_s: int = 0
+
+
 def _default_assets() -> list[AssetSpec]:
     return [
         AssetSpec(symbol="BTC", decimals=8),
@@ -219,6 +229,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     jobs: JobsSection = JobsSection()
     security: SecuritySection = SecuritySection()
     demo: DemoSection = DemoSection()
+    dr: DrSection = DrSection()
     assets: list[AssetSpec] = msgspec.field(default_factory=_default_assets)
     markets: list[MarketSpec] = msgspec.field(default_factory=_default_markets)
 

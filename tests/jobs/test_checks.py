@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from jobs.checks import anomaly_findings, evaluate_budgets, sign_webhook
+from jobs.checks import anomaly_findings, evaluate_budgets, lag_policy_target, lag_throttle_rate, sign_webhook
 from jobs.scheduler import close_context, make_context, open_context, run_job
 from spotex.config import load_config
 
@@ -22,6 +22,17 @@ def test_anomaly_thresholds_map_to_severity_and_action() -> None:
     assert r["severity"] == "SEV2" and r["recommended_action"] == "CANCEL_ONLY" and len(r["findings"]) == 2
     r = anomaly_findings({"latch_breach": 1, "ws_resume_gaps": 50}, th)
     assert r["severity"] == "SEV1" and r["recommended_action"] == "WITHDRAW_HALT"
+
+
+def test_lag_policy_levels_and_throttle_rate() -> None:
+    """Seed §3.2: T2 throttles new orders (a per-symbol rate, not CANCEL_ONLY), T3 SOFT_HALT. The job
+    acting on these levels over a real stack is in tests/edge/test_throttle.py and the lag-spike drill."""
+    t2, t3 = 150, 600
+    assert [lag_policy_target(n, t2, t3) for n in (0, 149, 150, 599, 600, 10**6)] == [
+        "NORMAL", "NORMAL", "THROTTLE", "THROTTLE", "SOFT_HALT", "SOFT_HALT"]
+    cfg = load_config(None)
+    assert lag_throttle_rate(cfg) == cfg.jobs.lag_throttle_orders_per_s == 50
+    assert lag_throttle_rate(None) == 50
 
 
 def test_webhook_signature_covers_timestamp_and_body() -> None:
