@@ -16,12 +16,15 @@ must pass. Success line ``runbook_budget_failure_ok=true``.
 paused (SIGSTOP: it stays up for the supervisor, but settles nothing) while orders keep flowing
 through the real core, so settlement lag grows on the traded symbols. The ``settlement_lag`` job,
 run through ``run_job`` with the drill's thresholds (T2/T3 well below the ledger's own T2, so the
-ledger's latch stays out of it), must set CANCEL_ONLY (new orders throttled) on a symbol past T2,
-then SOFT_HALT past T3, each confirmed by the core's own mode and by an audit entry with actor
-``jobs:settlement_lag``. Then the ledger resumes (SIGCONT), catches up, and the job lifts what it set
-(NORMAL, audited). Evidence: ``lag-spike-summary.json`` (``lag_spike_ok``, per-phase runs, audit
-entries, ``recommended_action``) and ``settlement-lag-latest.json``. Success line
-``runbook_lag_spike_ok=true``.
+ledger's latch stays out of it) and a small throttle (``--throttle``, 2 new orders/s), must:
+past T2, throttle the symbol (the policy layer of ``symbol_throttle``): a trader's signed REST orders
+through the real edge beyond the rate get ``429 SYMBOL_THROTTLED`` while cancels pass and the core's
+mode stays NORMAL; past T3, SOFT_HALT it: the core's mode and a ``409 MARKET_HALTED`` at the edge.
+Every action has its audit entry with actor ``jobs:settlement_lag``. Then the ledger resumes
+(SIGCONT), catches up, and the job lifts both (audited): the core's mode is NORMAL and a burst of
+orders over the old rate is no longer refused. Evidence: ``lag-spike-summary.json``
+(``lag_spike_ok``, per-phase runs, edge probes, audit entries, ``recommended_action``) and
+``settlement-lag-latest.json``. Success line ``runbook_lag_spike_ok=true``.
 """
 
 from __future__ import annotations
@@ -191,11 +194,139 @@ async def _until(pred: Any, timeout: float, every: float = 0.3) -> Any:
     return None
 
 
+class _Trader:
+    """A funded trader with an Ed25519 API key, placing signed REST orders through the real edge to
+    observe what the policy does to new orders and cancels."""
+
+    def __init__(self, http: Any, key: str, pk: Any) -> None:
+        self.http, self.key, self.pk = http, key, pk
+        self.n = 0
+
+    @classmethod
+    async def create(cls, d: Drill, pool: Any, nats_url: str, edge_url: str) -> _Trader:
+        import secrets
+
+        import httpx
+        import nats
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from core.bus import cmd_subject
+        from core.wire import Deposit, encode_request
+        from edge.app import master_key_path
+        from edge.auth import KeyStore, SecretBox
+
+        acct = 3_500_000_000 + secrets.randbelow(10**8)
+        box = SecretBox.from_file(master_key_path(d.cfg, d.data_dir), create=not d.cfg.production)
+        pk = Ed25519PrivateKey.generate()
+        pub = pk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+        ck = await KeyStore(pool, box).create(acct, ["read", "trade"], label="lag-spike", ed25519_public_key=pub)
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            quotes = {m.quote for m in d.cfg.markets}
+            for a in d.cfg.assets:
+                if a.symbol in quotes:
+                    await js.publish(cmd_subject(None), encode_request(Deposit(
+                        account_id=acct, asset=a.symbol, amount=10**9 * 10**a.decimals, reference=f"lag-spike-{acct}")),
+                        headers={"Nats-Msg-Id": f"lag-spike-fund-{acct}-{a.symbol}"})
+        finally:
+            await nc.close()
+        return cls(httpx.AsyncClient(base_url=edge_url, timeout=15), ck.api_key, pk)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def req(self, method: str, path: str, body: Any = None) -> Any:
+        from edge.auth import signed_headers
+
+        raw = json.dumps(body).encode() if body is not None else b""
+        h = signed_headers(self.key, self.pk, method, path, raw)
+        h["content-type"] = "application/json"
+        return await self.http.request(method, path, content=raw, headers=h)
+
+    async def plan(self, symbol: str) -> tuple[str, str]:
+        """(price, quantity) of a small post-only BUY that rests: at the best bid, else a tick under
+        the best ask; worth about twice the minimum notional."""
+        from decimal import ROUND_CEILING, Decimal
+
+        mkt = next(m for m in (await self.http.get("/v1/markets")).json() if m["symbol"] == symbol)
+        book = (await self.http.get(f"/v1/markets/{symbol}/orderbook", params={"depth": 20})).json()
+        tick, lot = Decimal(mkt["tickSize"]), Decimal(mkt["lotSize"])
+        if book.get("bids"):
+            price = Decimal(book["bids"][0][0])
+        elif book.get("asks"):
+            price = Decimal(book["asks"][0][0]) - tick
+        else:
+            price = Decimal(100)
+        price = price.quantize(tick)
+        qty = max(lot, (Decimal(mkt["minNotional"]) * 2 / price / lot).to_integral_value(ROUND_CEILING) * lot)
+        return str(price), str(qty)
+
+    async def order(self, symbol: str, plan: tuple[str, str]) -> tuple[int, str | None, Any]:
+        """(HTTP status, problem code or None, body)."""
+        self.n += 1
+        r = await self.req("POST", "/v1/orders", {"symbol": symbol, "side": "BUY", "type": "LIMIT",
+                                                  "timeInForce": "GTC", "postOnly": True, "price": plan[0],
+                                                  "quantity": plan[1], "clientOrderId": f"lag-{self.n}"})
+        body = r.json()
+        if r.status_code >= 400:
+            body["_retry_after"] = r.headers.get("retry-after")
+        return r.status_code, (body.get("code") if r.status_code >= 400 else None), body
+
+    async def cancel(self, order_id: int) -> int:
+        return int((await self.req("DELETE", f"/v1/orders/{order_id}")).status_code)
+
+    async def probe(self, symbol: str, want: str, timeout: float = 20.0, limit: int = 40) -> dict[str, Any]:
+        """Place orders on ``symbol`` until one is refused with ``want``; cancel what rested (each
+        cancel must pass). A SYMBOL_THROTTLED while looking for something else waits Retry-After."""
+        plan = await self.plan(symbol)
+        out: dict[str, Any] = {"symbol": symbol, "want": want, "seen": False, "orders": 0, "statuses": {},
+                               "cancels": 0, "cancels_ok": 0, "price": plan[0], "quantity": plan[1]}
+        resting: list[int] = []
+        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        while time.monotonic() < deadline and out["orders"] < limit and not out["seen"]:
+            status, code, body = await self.order(symbol, plan)
+            out["orders"] += 1
+            label = code or str(status)
+            out["statuses"][label] = out["statuses"].get(label, 0) + 1
+            if status == 201 and body.get("status") in ("NEW", "PARTIALLY_FILLED"):
+                resting.append(int(body["orderId"]))
+            if code == want:
+                out["seen"] = True
+                out["after_s"] = round(time.monotonic() - t0, 3)
+                out["detail"] = body.get("detail")
+                out["retry_after"] = body.get("_retry_after")
+            elif code == "SYMBOL_THROTTLED":
+                await asyncio.sleep(1.0)
+        for oid in resting:
+            out["cancels"] += 1
+            out["cancels_ok"] += await self.cancel(oid) == 200
+        return out
+
+    async def burst(self, symbol: str, n: int) -> dict[str, Any]:
+        """``n`` orders back to back (then canceled): none may be refused by a throttle or a halt."""
+        statuses: dict[str, int] = {}
+        resting: list[int] = []
+        plan = await self.plan(symbol)
+        for _ in range(n):
+            status, code, body = await self.order(symbol, plan)
+            statuses[code or str(status)] = statuses.get(code or str(status), 0) + 1
+            if status == 201 and body.get("status") in ("NEW", "PARTIALLY_FILLED"):
+                resting.append(int(body["orderId"]))
+        ok = [await self.cancel(oid) == 200 for oid in resting]
+        blocked = sum(statuses.get(c, 0) for c in ("SYMBOL_THROTTLED", "MARKET_HALTED", "CANCEL_ONLY"))
+        return {"symbol": symbol, "orders": n, "statuses": statuses, "accepted": statuses.get("201", 0),
+                "cancels_ok": all(ok), "flowing": blocked == 0 and statuses.get("201", 0) > 0}
+
+
 async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50, commands: int = 20_000,
-                    rate: float = 150.0, seed: int = 21) -> bool:
+                    rate: float = 150.0, seed: int = 21, throttle: int = 2) -> bool:
     """Load is paced (``rate`` commands/s) so that the T2 -> T3 climb on a symbol takes seconds: the
     job's T2 run must see the symbol between T2 and T3. ``commands`` only bounds it: the load stops
-    once T3 is passed."""
+    once T3 is passed. ``throttle`` is the policy's new-orders/s for the drill (small, so a handful of
+    orders shows it)."""
     import signal
 
     import msgspec
@@ -217,8 +348,14 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
         raise SystemExit("spotex: no ledger service in this stack")
     ledger_pid = int(comp["pid"])
     d.cfg = msgspec.structs.replace(d.cfg, ledger=msgspec.structs.replace(
-        lc, lag_warn_seq=recovered, lag_throttle_seq=t2, lag_halt_seq=t3))
+        lc, lag_warn_seq=recovered, lag_throttle_seq=t2, lag_halt_seq=t3),
+        jobs=msgspec.structs.replace(d.cfg.jobs, lag_throttle_orders_per_s=throttle))
+    edge_url = next((c.get("endpoint") for c in before.get("components") or [] if c.get("name") == "edge"), None)
+    if not edge_url:
+        raise SystemExit("spotex: no edge in this stack (the drill observes the policy through it)")
     ctx, closers = await _ctx(d)
+    trader: _Trader | None = None
+    probes: dict[str, Any] = {}
     phases: dict[str, Any] = {}
     stop_load = asyncio.Event()
     load: asyncio.Task[Any] | None = None
@@ -240,6 +377,7 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
                          "recommended_action": out.get("recommended_action"),
                          "actions": (out.get("policy") or {}).get("actions"),
                          "imposed": (out.get("policy") or {}).get("imposed"),
+                         "throttled": (out.get("policy") or {}).get("throttled"),
                          "core_modes": {s: v.get("core_mode") for s, v in (out.get("streams") or {}).items()
                                         if v.get("core_mode")}}
         mark(f"job_{label}", outcome=r["outcome"], actions=len(phases[label]["actions"] or []))
@@ -263,6 +401,7 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
             audit_from = int(await c.fetchval("SELECT coalesce(max(seq), 0) FROM audit_chain WHERE chain = 'admin'"))
         base = await job("baseline")
         ok_steps["baseline_clear"] = base["outcome"] == "ok" and not phases["baseline"]["actions"]
+        trader = await _Trader.create(d, ctx.pool, d.endpoints.nats_url, str(edge_url))
         os.kill(ledger_pid, signal.SIGSTOP)
         paused = True
         mark("ledger_paused", pid=ledger_pid)
@@ -278,16 +417,24 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
         mark("past_t2", symbol=hot, lags=await lags())
         if hot is not None:
             await job("t2")
-            ok_steps["t2_throttle"] = (any(a["symbol"] == hot and a["to"] == "CANCEL_ONLY"
+            # The edge learns the throttle from its watch of symbol_throttle: orders over the rate are
+            # refused, cancels pass, and the market stays open (no mode change at T2).
+            probes["t2"] = p2 = await trader.probe(hot, "SYMBOL_THROTTLED")
+            mark("probe_t2", **{k: p2[k] for k in ("seen", "orders", "statuses")})
+            ok_steps["t2_throttle"] = (any(a["symbol"] == hot and a["kind"] == "throttle" and a["to"] == "THROTTLE"
                                            for a in phases["t2"]["actions"] or [])
-                                       and await core_shows(hot, "CANCEL_ONLY"))
+                                       and p2["seen"] and p2["cancels_ok"] == p2["cancels"]
+                                       and await core_mode(hot) == "NORMAL")
             hot3 = await _until(lambda: past(t3), 120)
             mark("past_t3", symbol=hot3, lags=await lags())
             if hot3 is not None:
                 await job("t3")
+                halted = await core_shows(hot3, "SOFT_HALT")
+                probes["t3"] = p3 = await trader.probe(hot3, "MARKET_HALTED")
+                mark("probe_t3", **{k: p3[k] for k in ("seen", "orders", "statuses")})
                 ok_steps["t3_soft_halt"] = (any(a["symbol"] == hot3 and a["to"] == "SOFT_HALT"
                                                 for a in phases["t3"]["actions"] or [])
-                                            and await core_shows(hot3, "SOFT_HALT"))
+                                            and halted and p3["seen"])
         stop_load.set()
         load_res = await load
         mark("load_stopped", sent=load_res.sent, acked=len(load_res.acked), errors=load_res.errors)
@@ -304,9 +451,17 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
         rec = await job("recovery")
         lifted = list(phases.get("t3", {}).get("imposed") or {})
         normal = {s: await core_shows(s, "NORMAL") for s in lifted}
+        unthrottled = list(phases.get("t3", {}).get("throttled") or {})
+        # Give the edge's watch a moment, then a burst of 3x the old rate must flow on every symbol
+        # the policy had throttled.
+        await asyncio.sleep(1.0)
+        probes["recovery"] = {s: await trader.burst(s, 3 * throttle + 2) for s in unthrottled}
+        flowing = {s: p["flowing"] and p["cancels_ok"] for s, p in probes["recovery"].items()}
         ok_steps["recovered"] = (bool(settled) and rec["outcome"] == "ok" and not phases["recovery"]["imposed"]
-                                 and bool(normal) and all(normal.values()))
+                                 and not phases["recovery"]["throttled"] and bool(normal) and all(normal.values())
+                                 and bool(flowing) and all(flowing.values()))
         mark("core_modes_after", **{s: await core_mode(s) for s in lifted})
+        mark("orders_flow_after", **flowing)
         async with ctx.pool.acquire() as c:
             entries = await load_entries(c, "admin", after_seq=audit_from)
             latched = [r["symbol"] for r in await c.fetch("SELECT symbol FROM ledger_latches WHERE engaged")]
@@ -316,11 +471,19 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
             os.kill(ledger_pid, signal.SIGCONT)
         if load is not None and not load.done():
             await load
+        if trader is not None:
+            await trader.close()
         await close_context(closers)
     ours = [e for e in entries if e.get("actor") == POLICY_ACTOR]
-    audited = {(e["params"].get("symbol"), e["params"].get("mode")) for e in ours}
-    acted = {(a["symbol"], a["to"]) for ph in phases.values() for a in (ph.get("actions") or [])}
-    ok_steps["every_action_audited"] = bool(acted) and acted <= audited
+    # Each action against the audit entry the job wrote for it (action name and seq).
+    by_seq = {e["seq"]: e for e in ours}
+    want = {("throttle", "THROTTLE"): "SetSymbolThrottle", ("throttle", "UNTHROTTLED"): "ClearSymbolThrottle",
+            ("mode", "SOFT_HALT"): "SetSymbolMode", ("mode", "NORMAL"): "SetSymbolMode"}
+    acted = [a for ph in phases.values() for a in (ph.get("actions") or [])]
+    audited = [a for a in acted if (by_seq.get(a.get("audit_seq")) or {}).get("action") == want.get(
+        (a.get("kind"), a.get("to"))) and (by_seq.get(a.get("audit_seq")) or {}).get("params", {}).get("symbol")
+        == a["symbol"]]
+    ok_steps["every_action_audited"] = bool(acted) and len(audited) == len(acted)
     ok_steps["ledger_latch_not_involved"] = not latched
     after = d.status("after")
     ok = all(ok_steps.get(k) for k in ("baseline_clear", "t2_throttle", "t3_soft_halt", "recovered",
@@ -332,6 +495,7 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
         "lag_spike_ok": ok, "recommended_action": action, "steps": ok_steps, "failed_steps": failed,
         "thresholds": {"recovered_below": recovered, "t2": t2, "t3": t3,
                        "ledger_own_t2": lc.lag_throttle_seq, "ledger_own_t3": lc.lag_halt_seq},
+        "throttle_orders_per_s": throttle, "edge_probes": probes,
         "hot_symbol": hot, "phases": phases, "policy_audit_entries": ours, "ledger_latches_engaged": latched,
         "timeline": timeline, "stack_healthy_before": before.get("healthy"),
         "stack_healthy_after": after.get("healthy"),
