@@ -14,6 +14,7 @@ import signal
 import time
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -251,7 +252,7 @@ def test_admin_throttle_is_audited_enforced_cancels_pass_and_it_survives_an_edge
 
 
 @pytest.mark.slow
-def test_settlement_lag_job_sets_and_lifts_its_throttle_and_never_an_operators(env: Env) -> None:
+def test_settlement_lag_job_sets_and_lifts_its_throttle_and_never_an_operators(env: Env, tmp_path: Path) -> None:
     from jobs.checks import POLICY_ACTOR
     from jobs.scheduler import close_context, make_context, open_context, run_job
     from spotex.config import load_config
@@ -271,10 +272,8 @@ def test_settlement_lag_job_sets_and_lifts_its_throttle_and_never_an_operators(e
             base.ledger, lag_warn_seq=warn, lag_throttle_seq=t2, lag_halt_seq=t3),
             jobs=msgspec.structs.replace(base.jobs, lag_throttle_orders_per_s=2))
 
-    async def run(c: Any, tmp: str) -> dict[str, Any]:
-        from pathlib import Path
-
-        ctx = make_context(c, Path(tmp), pg_dsn=env.pg_dsn(), nats_url=env.nats, evidence_dir=Path(tmp) / "ev")
+    async def run(c: Any, tmp: Path) -> dict[str, Any]:
+        ctx = make_context(c, tmp, pg_dsn=env.pg_dsn(), nats_url=env.nats, evidence_dir=tmp / "ev")
         closers = await open_context(ctx)
         try:
             return await run_job(ctx, "settlement_lag", trigger="manual")
@@ -285,7 +284,7 @@ def test_settlement_lag_job_sets_and_lifts_its_throttle_and_never_an_operators(e
     # minute: hold the jobs service still while the test drives the job itself.
     jobs_pid = int(env.component("jobs")["pid"])
     os.kill(jobs_pid, signal.SIGSTOP)
-    tmp = f"/tmp/thr-job-{os.getpid()}"
+    tmp = tmp_path
     try:
         # T2 = 0: every traded symbol is "at T2" (lag >= 0); T3 out of reach, so no mode change.
         res = asyncio.run(run(cfg(0, 0, 10**12), tmp))
