@@ -164,3 +164,16 @@ def register(main: click.Group) -> None:
         from runbooks.ws_drills import ws_resume_gap_spike as fn
 
         _run("ws-resume-gap-spike", data_dir, out, fn, commands=commands, rate=rate)
+
+    @drill.command("dr-rehearsal")
+    @click.option("--out", default="build/dr", show_default=True, help="Evidence directory (dr-report.json).")
+    @click.option("--data-dir", default=None, help="Run against this running stack (default: start one).")
+    @click.option("--commands", default=600, show_default=True, help="Simulator commands traded before the backup.")
+    @click.option("--rate", default=300.0, show_default=True, help="Commands per second.")
+    @click.option("--keep-restore", is_flag=True, help="Keep the restored copy (its path is in the report).")
+    def dr_rehearsal(data_dir: str | None, out: str, commands: int, rate: float, keep_restore: bool) -> None:
+        """Seed §8: back up core (snapshot + WAL) and PostgreSQL, restore both elsewhere, replay, compare the
+        state hash with the source's, run the ledger invariants; timings against the [dr] RTO/RPO targets."""
+        from runbooks.dr_drills import dr_rehearsal as fn
+
+        _run("dr-rehearsal", data_dir, out, fn, commands=commands, rate=rate, keep_restore=keep_restore)
