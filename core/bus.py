@@ -27,6 +27,7 @@ the fsync per command. The mode is fixed when a stream is created; an existing C
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import msgspec
@@ -40,8 +41,10 @@ __all__ = [
     "THROTTLE_LAYERS",
     "SymbolThrottle",
     "cmd_subject",
+    "decode_setting",
     "ensure_streams",
     "evt_subject",
+    "read_settings",
     "throttle_bucket",
     "throttle_key",
 ]
@@ -152,3 +155,40 @@ async def throttle_bucket(js: Any, *, replicas: int = 1) -> Any:
     except (BucketNotFoundError, NotFoundError):
         return await js.create_key_value(KeyValueConfig(bucket=THROTTLE_BUCKET, history=10, storage=StorageType.FILE,
                                                         replicas=replicas))
+
+
+_DEC = msgspec.json.Decoder(SymbolThrottle)
+
+
+def decode_setting(raw: bytes) -> SymbolThrottle | None:
+    """A stored layer, or None when the value is not a valid one (logged, then ignored: a corrupt
+    value must not take every edge down; the audit chain says who wrote what)."""
+    try:
+        s = _DEC.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if s.orders_per_s < 1 or s.burst < 1:
+        return None
+    return s
+
+
+async def read_settings(kv: Any, keys: str = ">") -> dict[str, dict[str, tuple[SymbolThrottle, int]]]:
+    """symbol -> layer -> (setting, KV revision): the bucket's current content (or the keys matching
+    ``keys``, e.g. ``"*.policy"``), read with a one-shot watch (no keys is an empty dict, not an error)."""
+    out: dict[str, dict[str, tuple[SymbolThrottle, int]]] = {}
+    w = await kv.watch(keys)
+    try:
+        while True:
+            e = await w.updates(timeout=5.0)
+            if e is None:
+                break
+            if e.operation is None and e.value:
+                s = decode_setting(e.value)
+                if s is not None:
+                    out.setdefault(s.symbol, {})[s.layer] = (s, int(e.revision))
+            if not e.delta:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await w.stop()
+    return out

@@ -34,10 +34,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 from prometheus_client import Counter, Gauge
 
-from core.bus import THROTTLE_LAYERS, SymbolThrottle, throttle_bucket
+from core.bus import THROTTLE_LAYERS, SymbolThrottle, decode_setting, read_settings, throttle_bucket
 from edge.errors import SpotexError
 from edge.ratelimit import TokenBucketLimiter
 
@@ -48,43 +47,6 @@ log = logging.getLogger("edge.throttle")
 DROPS = Counter("edge_symbol_throttle_drops", "New orders refused by a symbol throttle", ["symbol"])
 ACTIVE = Gauge("edge_symbol_throttle_orders_per_s", "Effective throttle of a symbol (orders/s; 0 = none)",
                ["symbol"])
-
-_DEC = msgspec.json.Decoder(SymbolThrottle)
-
-
-def decode_setting(raw: bytes) -> SymbolThrottle | None:
-    """A stored layer, or None when the value is not a valid one (logged, then ignored: a corrupt
-    value must not take every edge down; the audit chain says who wrote what)."""
-    try:
-        s = _DEC.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    if s.orders_per_s < 1 or s.burst < 1:
-        return None
-    return s
-
-
-async def read_settings(kv: Any) -> dict[str, dict[str, tuple[SymbolThrottle, int]]]:
-    """symbol -> layer -> (setting, KV revision): the bucket's current content, read with a
-    one-shot watch (no keys is an empty dict, not an error)."""
-    out: dict[str, dict[str, tuple[SymbolThrottle, int]]] = {}
-    w = await kv.watchall()
-    try:
-        while True:
-            e = await w.updates(timeout=5.0)
-            if e is None:
-                break
-            if e.operation is None and e.value:
-                s = decode_setting(e.value)
-                if s is not None:
-                    out.setdefault(s.symbol, {})[s.layer] = (s, int(e.revision))
-            if not e.delta:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await w.stop()
-    return out
-
 
 class ThrottleBook:
     """The edge's copy of ``symbol_throttle`` and the token buckets that enforce it."""

@@ -74,6 +74,36 @@ DEFAULT_BUDGETS: list[dict[str, Any]] = [
      "limit": 0, "max_age_s": 86_400, "action": "INVESTIGATE"},
 ]
 
+# The load regression gate (seed §4.3, §7; runbooks/load_drills.py): per profile (orders, trader
+# connections) the p99 ack latency in ms and the minimum orders/s, and no errors; evidence from the
+# drill's load-all-latest.json, at most a week old. The rationale of the limits is in
+# docs/performance.md "Load regression gate".
+LOAD_EVIDENCE = "load-regression/load-all-latest.json"
+LOAD_MAX_AGE_S = 7 * 86_400
+LOAD_LIMITS: dict[str, tuple[float, float]] = {  # profile -> (p99 ms at most, orders/s at least)
+    "load-smoke": (1_000, 15),
+    "load-10k": (1_000, 200),
+    "load-50k": (1_000, 300),
+}
+
+
+def _load_budgets() -> list[dict[str, Any]]:
+    def b(name: str, field: str, op: str, limit: Any) -> dict[str, Any]:
+        return {"name": name, "evidence": LOAD_EVIDENCE, "field": field, "op": op, "limit": limit,
+                "max_age_s": LOAD_MAX_AGE_S, "action": "BLOCK_RELEASE"}
+
+    out = []
+    for prof, (p99, tps) in LOAD_LIMITS.items():
+        key = prof.replace("-", "_")
+        out += [b(f"{key}_p99_ms", f"profiles.{prof}.order_p99_ms", "<=", p99),
+                b(f"{key}_error_rate", f"profiles.{prof}.order_error_rate", "<=", 0),
+                b(f"{key}_orders_per_s", f"profiles.{prof}.order_tps", ">=", tps)]
+    return [*out, b("load_ws_trades_delivered", "ws_trade_frames", ">=", 1),
+            b("load_ws_none_lost", "ws_lost", "<=", 0), b("load_full_size", "full_size", "==", True)]
+
+
+DEFAULT_BUDGETS += _load_budgets()
+
 
 @dataclass
 class JobResult:
@@ -235,28 +265,18 @@ async def _apply_mode(ctx: JobContext, symbol: str, mode: str, reason: str, para
 async def _policy_throttles(ctx: JobContext) -> tuple[Any, dict[str, tuple[dict[str, Any], int]]] | None:
     """The ``symbol_throttle`` bucket and its policy layer: symbol -> (value, KV revision); None
     without JetStream (the throttle part of the policy is then unavailable, said in the output)."""
-    from core.bus import throttle_bucket
+    import msgspec
+
+    from core.bus import read_settings, throttle_bucket
 
     if ctx.js is None:
         return None
     kv = await throttle_bucket(ctx.js)
     out: dict[str, tuple[dict[str, Any], int]] = {}
-    w = await kv.watch("*.policy")
-    try:
-        while True:
-            e = await w.updates(timeout=5.0)
-            if e is None:
-                break
-            if e.operation is None and e.value:
-                with contextlib.suppress(ValueError):
-                    v = json.loads(e.value)
-                    if isinstance(v, dict) and v.get("layer") == "policy" and isinstance(v.get("symbol"), str):
-                        out[v["symbol"]] = (v, int(e.revision))
-            if not e.delta:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await w.stop()
+    for symbol, layers in (await read_settings(kv, "*.policy")).items():
+        if "policy" in layers:
+            setting, revision = layers["policy"]
+            out[symbol] = (msgspec.structs.asdict(setting), revision)
     return kv, out
 
 
