@@ -22,7 +22,7 @@ from typing import Any
 
 from benchmarks.httpload import Conn, HttpError
 
-__all__ = ["run"]
+__all__ = ["drive", "run"]
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -32,23 +32,26 @@ def _pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))]
 
 
-async def _drive(edge: str, nats_url: str, keys: list[dict[str, Any]], orders: int, concurrency: int,
-                 rate: float | None) -> dict[str, Any]:
+async def drive(edge: str, nats_url: str, keys: list[dict[str, Any]], orders: int, concurrency: int,
+                rate: float | None, fund: bool = True) -> dict[str, Any]:
+    """Drive the trader mix against ``edge``; order ``i`` is signed with ``keys[i % len(keys)]`` (dicts with
+    ``api_key``, ``secret``, ``account_id``). ``fund=False``: the caller funded the accounts already."""
     import nats
 
     from core.bus import cmd_subject
     from core.wire import Deposit, encode_request
     from edge.auth import signed_headers
 
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    for k in keys:
-        for asset in ("USDT", "BTC"):
-            await js.publish(cmd_subject(None), encode_request(Deposit(account_id=k["account_id"], asset=asset,
-                                                                       amount=10**8 * 10**9)),
-                             headers={"Nats-Msg-Id": f"bench-{k['api_key'][:8]}-{asset}-{time.time_ns()}"})
-    await nc.close()
-    await asyncio.sleep(0.5)
+    if fund:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        for k in keys:
+            for asset in ("USDT", "BTC"):
+                await js.publish(cmd_subject(None), encode_request(Deposit(account_id=k["account_id"], asset=asset,
+                                                                           amount=10**8 * 10**9)),
+                                 headers={"Nats-Msg-Id": f"bench-{k['api_key'][:8]}-{asset}-{time.time_ns()}"})
+        await nc.close()
+        await asyncio.sleep(0.5)
     lat: list[float] = []
     errors = 0
     kinds = {"rest": 0, "cross": 0, "cancel": 0}
@@ -135,4 +138,4 @@ def run(orders: int, concurrency: int, rate: float | None = None, data_dir: str 
         for acct in (900_001, 900_002, 900_003, 900_004):
             res = st.cli("keys", "create", "--account", str(acct), "--scopes", "read,trade", "--json", check=True)
             keys.append(json.loads(res.stdout))
-        return asyncio.run(_drive(comps["edge"], comps["nats"], keys, orders, concurrency, rate))
+        return asyncio.run(drive(comps["edge"], comps["nats"], keys, orders, concurrency, rate))

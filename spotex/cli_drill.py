@@ -132,6 +132,19 @@ def register(main: click.Group) -> None:
 
         _run("budget-failure", data_dir, out, fn)
 
+    @drill.command("load-regression")
+    @_common
+    @click.option("--scale", default=1.0, show_default=True, type=float,
+                  help="Shrink every profile (e.g. 0.01); a scaled run checks the harness, it is not release evidence.")
+    @click.option("--profiles", default=None, help="Comma-separated subset of load-smoke,load-10k,load-50k.")
+    def load_regression(data_dir: str | None, out: str | None, scale: float, profiles: str | None) -> None:
+        """Seed §4.3: load-smoke, load-10k, load-50k in one pass, judged by the load safety budgets
+        (RUNBOOK_ALLOW_BUDGET_FAIL=true: violations recorded, not fatal)."""
+        from runbooks.load_drills import load_regression as fn
+
+        names = tuple(p.strip() for p in (profiles or "").split(",") if p.strip())
+        _run("load-regression", data_dir, out, fn, scale=scale, profiles=names)
+
     @drill.command("exactly-once-million")
     @click.option("--out", default=None, help="Evidence directory (default build/runbooks/exactly-once-million).")
     @click.option("--trades", default=1_000_000, show_default=True)
