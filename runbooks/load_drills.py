@@ -39,7 +39,7 @@ evidence.
 ``spotex load smoke`` (``./scripts/load_smoke.sh``): the ``load-smoke`` profile alone, written to
 ``build/load/load-smoke.json`` with the seed's key fields at the top level (``order_p99_ms``,
 ``order_error_rate``, ``order_tps``, ``ws_messages``), thresholds and ``pass``; exits 1 on a
-threshold violation ("block release and investigate").
+threshold violation ("block release and investigate"), with ``load_smoke_ok=true`` on success.
 """
 
 from __future__ import annotations
@@ -295,6 +295,7 @@ async def load_regression(d: Drill, scale: float = 1.0, profiles: tuple[str, ...
     doc: dict[str, Any] = {
         "kind": "load-regression", "at": time.time(), "stamp": stamp, "scale": scale, "full_size": full_size,
         "profiles_run": names, "allow_budget_fail": allow, "profiles": results,
+        # run-wide key fields: the worst profile's (lowest rate, highest p99 / error rate), WS summed
         "order_tps": min(r["order_tps"] for r in results.values()),
         "order_p99_ms": max(r["order_p99_ms"] for r in results.values()),
         "order_error_rate": max(r["order_error_rate"] for r in results.values()),
