@@ -1,4 +1,5 @@
-"""``spotex admin ...``: operator actions through the edge's signed admin API, from a terminal.
+"""``spotex admin ...``: operator actions through the edge's signed admin API, from a terminal; and
+``spotex logs pii-scan``, the PII/secrets gate over a stack's logs (``jobs.pii_scan``).
 
 ``spotex admin break-glass enable|status|disable`` (seed §4.0 ``./scripts/break_glass.sh``) signs each
 request with the operator's Ed25519 key exactly as the cockpit does (``cockpit.signing``; the key from
@@ -11,7 +12,9 @@ transaction. Output: ``break_glass_*=`` lines; ``--json`` prints the edge's answ
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -101,6 +104,8 @@ def _with_actor(reason: str, actor: str) -> str:
 def register(main: click.Group) -> None:
     from spotex.cli import stack_options
 
+    register_logs(main)
+
     def _opts(f: Any) -> Any:
         f = click.option("--json", "as_json", is_flag=True, help="Print the edge's answer as JSON.")(f)
         f = click.option("--edge-url", default=None, help="The edge's base URL (default: the data dir's edge).")(f)
@@ -157,3 +162,43 @@ def register(main: click.Group) -> None:
         state = _call(url, operator_key, "POST", "/v1/admin/break-glass/disable",
                       {"reason": _with_actor(why, who), "ticket": ticket})
         _print(state, as_json)
+
+
+def register_logs(main: click.Group) -> None:
+    from spotex.cli import stack_options
+
+    @main.group("logs")
+    def logs() -> None:
+        """The stack's log files."""
+
+    @logs.command("pii-scan")
+    @stack_options
+    @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+    @click.option("--out", default="build/security/pii-log-scan.json", show_default=True,
+                  help="Evidence JSON (every finding, redacted).")
+    def pii_scan(data_dir: str | None, config: str | None, paths: tuple[Path, ...], out: str) -> None:
+        """Seed §4.0 PII log scan gate: every log line against the PII/secrets policy (docs/security.md).
+        PATHS: files or directories (default: the data dir's logs/). Exit 1 on any finding."""
+        from jobs.pii_scan import scan_paths
+        from spotex.cli import _load, fail
+
+        targets = list(paths) or [_load(data_dir, config).data.logs]
+        try:
+            res = scan_paths(targets)
+        except (FileNotFoundError, PermissionError) as exc:
+            fail(f"pii scan: {exc}")
+        if res.files == 0:
+            fail(f"pii scan: no log files under {', '.join(str(t) for t in targets)}")
+        for f in res.findings:
+            click.echo(str(f))
+        evidence = Path(out)
+        evidence.parent.mkdir(parents=True, exist_ok=True)
+        evidence.write_text(json.dumps({"targets": [str(t) for t in targets], "files": res.files, "lines": res.lines,
+                                        "findings": [f.to_dict() for f in res.findings], "ok": res.ok},
+                                       indent=2, sort_keys=True))
+        click.echo(f"pii_log_scan_files={res.files}")
+        click.echo(f"pii_log_scan_lines={res.lines}")
+        click.echo(f"pii_log_scan_findings={len(res.findings)}")
+        click.echo(f"pii_log_scan_ok={'true' if res.ok else 'false'}")
+        if not res.ok:
+            sys.exit(1)
