@@ -241,8 +241,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 _ENV_PREFIX = "SPOTEX_"
 # Variables that steer the CLI rather than the config tree.
 _ENV_NOT_CONFIG = {
-    "SPOTEX_CONFIG", "SPOTEX_DATA_DIR", "SPOTEX_ENV_FILE", "SPOTEX_OPERATOR_KEY", "SPOTEX_PROBE_PORT",
-    "SPOTEX_RUNBOOK_OUT",
+    "SPOTEX_BIN", "SPOTEX_CONFIG", "SPOTEX_DATA_DIR", "SPOTEX_ENGINE", "SPOTEX_ENV_FILE", "SPOTEX_NATIVE_DIR",
+    "SPOTEX_OPERATOR_KEY", "SPOTEX_PROBE_PORT", "SPOTEX_RUNBOOK_OUT",
 }
 
 

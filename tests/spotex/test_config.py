@@ -70,3 +70,23 @@ def test_masked_hides_secrets() -> None:
     text = repr(out)
     assert "hunter2" not in text and "tok-123" not in text and "whsec" not in text
     assert out["postgres"]["dsn"] == "postgresql://***@db.internal:5432/spotex"
+
+
+def test_every_spotex_variable_the_code_reads_is_config_or_exempt() -> None:
+    """A SPOTEX_* variable that steers a tool (SPOTEX_ENGINE, SPOTEX_BIN, ...) must not be taken for a
+    config key: the config loader refuses unknown keys, so such a variable would stop every service."""
+    import re
+
+    from spotex.config import _ENV_NOT_CONFIG
+
+    root = Path(__file__).resolve().parents[2]
+    names: set[str] = set()
+    for pkg in ("core", "edge", "ledger", "jobs", "spotex", "cockpit", "runbooks", "scripts", "benchmarks"):
+        for f in (root / pkg).rglob("*"):
+            if f.suffix in (".py", ".sh") and f.is_file():
+                names |= set(re.findall(r"\bSPOTEX_[A-Z][A-Z0-9_]*", f.read_text(errors="replace")))
+    for name in sorted(n for n in names if "__" not in n and not n.endswith("_")):
+        if name in _ENV_NOT_CONFIG:
+            load_config(None, environ={name: "x"})  # ignored by the loader
+            continue
+        load_config(None, environ={name: "production" if name == "SPOTEX_ENV" else "1"})
