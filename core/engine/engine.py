@@ -100,10 +100,6 @@ R_ADMIN: Final = CancelReason.ADMIN
 R_IOC: Final = CancelReason.EXPIRED_IOC
 R_STP: Final = CancelReason.STP
 R_AMEND: Final = CancelReason.AMEND
-STP_T: Final = SelfTradePrevention.EXPIRE_TAKER
-STP_M: Final = SelfTradePrevention.EXPIRE_MAKER
-STP_B: Final = SelfTradePrevention.EXPIRE_BOTH
-STP_N: Final = SelfTradePrevention.NONE
 
 _STP_CODE: Final[dict[str, int]] = {
     SelfTradePrevention.NONE: STP_NONE,
@@ -111,11 +107,13 @@ _STP_CODE: Final[dict[str, int]] = {
     SelfTradePrevention.EXPIRE_MAKER: STP_MAKER,
     SelfTradePrevention.EXPIRE_BOTH: STP_BOTH,
 }
-# Normalize (and validate) enum fields: a command built in-process may carry plain strings.
-_SIDES: Final[dict[str, Side]] = {v: v for v in Side}
-_TIFS: Final[dict[str, TimeInForce]] = {v: v for v in TimeInForce}
-_STPS: Final[dict[str, SelfTradePrevention]] = {v: v for v in SelfTradePrevention}
-_TYPES: Final[dict[str, OrderType]] = {v: v for v in OrderType}
+# (side, tif, stp, type) -> the same as members, is_buy, stp code: one dict hit validates and
+# normalizes all four (a plain string hashes and compares equal to its StrEnum member).
+_OrderKind = tuple[Side, TimeInForce, SelfTradePrevention, OrderType, bool, int]
+_ORDER_KINDS: Final[dict[tuple[str, str, str, str], _OrderKind]] = {
+    (sd, tf, sp, ty): (sd, tf, sp, ty, sd is Side.BUY, _STP_CODE[sp])
+    for sd in Side for tf in TimeInForce for sp in SelfTradePrevention for ty in OrderType
+}
 
 # Plain value string of each enum member the canonical form carries.
 _VALUE: Final[dict[str, str]] = {v: v.value for e in (TimeInForce, SelfTradePrevention, SymbolMode) for v in e}
@@ -258,7 +256,7 @@ class Engine:
         self._last_seq = seq
         self._ts = cmd.ts_ms
         self._corr = cmd.correlation_id
-        self._cause = "cmd:" + str(seq)
+        self._cause = f"cmd:{seq}"
         fence = cmd.fencing_token
         self._fence = fence
         out: list[Event] = []
@@ -268,9 +266,10 @@ class Engine:
             self._reject_stale(c)
         else:
             self._max_fence = fence
-            handler = self._handlers.get(type(c))
-            if handler is None:
-                raise TypeError(f"not a command: {type(c).__name__}")
+            try:
+                handler = self._handlers[type(c)]
+            except KeyError:
+                raise TypeError(f"not a command: {type(c).__name__}") from None
             handler(c)
         ce = self._ckpt_every
         if ce and seq % ce == 0:
@@ -703,22 +702,10 @@ class Engine:
         aid = c.account_id
         if aid <= CUSTODY_ACCOUNT:
             return self._reject_order(m, c, RejectCode.INVALID_ACCOUNT, "account_id must be > 0")
-        side = c.side
-        tif = c.tif
-        stp = c.stp
-        typ = c.type
-        if not (
-            (side is BUY or side is SELL)
-            and (tif is GTC or tif is IOC or tif is FOK)
-            and (typ is LIMIT or typ is MARKET)
-            and (stp is STP_T or stp is STP_M or stp is STP_B or stp is STP_N)
-        ):
-            # Not decoded (plain strings from an in-process caller): normalize, or reject.
-            side, tif, stp, typ = _SIDES.get(side), _TIFS.get(tif), _STPS.get(stp), _TYPES.get(typ)
-            if side is None or tif is None or stp is None or typ is None:
-                return self._reject_order(m, c, RejectCode.INVALID_ORDER, "bad side, type, tif or stp")
-        is_buy = side is BUY
-        stp_code = _STP_CODE[stp]
+        kind = _ORDER_KINDS.get((c.side, c.tif, c.stp, c.type))
+        if kind is None:
+            return self._reject_order(m, c, RejectCode.INVALID_ORDER, "bad side, type, tif or stp")
+        side, tif, stp, typ, is_buy, stp_code = kind
         coid = c.client_order_id
         if coid and len(coid) > MAX_CLIENT_ORDER_ID_LEN:
             return self._reject_order(m, c, RejectCode.INVALID_ORDER, "client_order_id longer than 64")
@@ -762,43 +749,33 @@ class Engine:
             return self._reject_order(m, c, RejectCode.DUPLICATE_CLIENT_ORDER_ID, f"open order has {coid!r}")
         # Price band reference as a fraction num/den: last trade, else mid (den 2), else none (num 0).
         band = m.band
-        num = 0
+        num = m.last_price if band else 0
         den = 1
-        if band:
-            num = m.last_price
-            if not num:
-                bk = m.bids.keys
-                ak = m.asks.keys
-                if bk and ak:
-                    num = bk[-1] - ak[-1]
-                    den = 2
+        if band and not num:
+            bk = m.bids.keys
+            ak = m.asks.keys
+            if bk and ak:
+                num = bk[-1] - ak[-1]
+                den = 2
         if is_buy:
             ai = m.qi
             asset = m.quote
-            book = m.bids
             opp = m.asks.keys
         else:
             ai = m.bi
             asset = m.base
-            book = m.asks
             opp = m.bids.keys
         if typ is LIMIT:
             assert price is not None and qty is not None
             if num and abs(price * den - num) * 10_000 > num * band:
                 return self._reject_order(m, c, RejectCode.PRICE_BAND, "price outside the band")
-            if opp:
-                crosses = price >= -opp[-1] if is_buy else price <= opp[-1]
-                if crosses and post_only:
-                    return self._reject_order(m, c, RejectCode.POST_ONLY_WOULD_TAKE, "post-only order would take")
-            else:
-                crosses = False
+            crosses = bool(opp) and (price >= -opp[-1] if is_buy else price <= opp[-1])
+            if crosses and post_only:
+                return self._reject_order(m, c, RejectCode.POST_ONLY_WOULD_TAKE, "post-only order would take")
             if tif is FOK and (not crosses or self._walk(m, is_buy, price, qty, _NO_BUDGET, aid, stp_code)[0] < qty):
                 return self._reject_order(m, c, RejectCode.FOK_UNFILLABLE, "cannot fill the whole quantity")
-            limit = price
-            rem = qty
-            hold = price * qty * k if is_buy else qty * m.bpl
-            hold_pk = price * k if is_buy else 0
-            budget = _NO_BUDGET
+            hold = notional if is_buy else qty * m.bpl
+            # (limit, rem, budget, hold_pk: set below, only when the order takes)
         else:
             if is_buy:
                 limit = (num * (10_000 + band)) // (den * 10_000) if num else _UNBOUNDED
@@ -848,6 +825,7 @@ class Engine:
                 oid, aid, coid, side, typ, tif, price, c.qty_lots, quote, post_only, stp, moves,
             )
         )
+        book = m.bids if is_buy else m.asks
         if not crosses and tif is GTC:
             # Hot path: a passive limit rests; exactly one level changes.
             assert price is not None
@@ -869,6 +847,12 @@ class Engine:
                 BookDelta(prefix + str(s), sym, s, ts, corr, cause, fence, [LevelChange(side, price, total)])
             )
             return None
+        if typ is LIMIT:
+            assert price is not None
+            limit = price
+            rem = qty
+            budget = _NO_BUDGET
+            hold_pk = price * k if is_buy else 0
         stop = STOP_BOOK
         if crosses:
             rem, hold, stop = self._match(m, o, acct, limit, rem, budget, hold_pk, hold)
@@ -930,7 +914,13 @@ class Engine:
         m = self._markets.get(c.symbol)
         o = None
         if m is not None and m.mode is not HARD_HALT:
-            o = self._find_open(m, c.account_id, c.order_id, c.client_order_id)
+            oid = c.order_id
+            if oid is not None:  # _find_open, inlined for the common case
+                o = self._orders.get(oid)
+                if o is not None and (o.account_id != c.account_id or o.symbol != m.symbol):
+                    o = None
+            else:
+                o = self._find_open(m, c.account_id, None, c.client_order_id)
         if o is None or m is None:
             ids: _Ids = (c.account_id, c.order_id, c.client_order_id)
             if m is None:
@@ -950,19 +940,27 @@ class Engine:
             ai = m.qi
             asset = m.quote
             lside = BUY
+            key = price
         else:
             book = m.asks
             amt = rem * m.bpl
             ai = m.bi
             asset = m.base
             lside = SELL
-        lvl = book.levels[price]
+            key = -price
+        levels = book.levels
+        lvl = levels[price]
         orders = lvl.orders
         del orders[oid]
         total = lvl.total - rem
         lvl.total = total
-        if not orders:
-            book.drop_level(price)
+        if not orders:  # BookSide.drop_level, inlined
+            del levels[price]
+            keys = book.keys
+            if keys[-1] == key:
+                keys.pop()
+            else:
+                del keys[bisect_left(keys, key)]
         del self._orders[oid]
         del acct.open[oid]
         coid = o.client_order_id
