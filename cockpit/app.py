@@ -24,8 +24,9 @@ from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static, TabbedContent, TabPane
 
+from cockpit import model as cm
 from cockpit.commands import COMMANDS, CommandsProvider, bindings, by_id, key_label
-from cockpit.controls import CONTROLS, ControlRequest, PendingAction, send
+from cockpit.controls import CONTROLS, MAX_THROTTLE, ControlRequest, PendingAction, send
 from cockpit.model import DASHBOARDS, TILES, Model, TileSpec, fmt_value, level, sparkline
 from cockpit.playbooks import PLAYBOOKS
 from cockpit.sources import SOURCE_NAMES, Poller, Snapshot, SourceState
@@ -34,7 +35,6 @@ __all__ = ["CockpitApp", "ControlScreen", "HelpScreen", "verify_audit"]
 
 TABS = ("overview", "markets", "ledger", "checks", "audit", "playbooks")
 _STATE_STYLE = {SourceState.LIVE: "green", SourceState.STALE: "yellow", SourceState.DISCONNECTED: "red"}
-RECON_LEVELS = {0: "ok", 1: "warn", 2: "throttle T2", 3: "halt T3"}  # ledger_reconciliation_level
 _LEVEL_STYLE = {"ok": "green", "warn": "yellow", "throttle T2": "red", "halt T3": "red bold"}
 # Job outcomes (jobs.checks): ok, violation, error, not_available.
 _OUTCOME_STYLE = {"OK": "green", "VIOLATION": "red bold", "FAIL": "red bold", "ERROR": "red bold",
@@ -150,7 +150,7 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
                                                                        else None)
         self.fresh: Snapshot | None = None
         # The fresh server state the impact is computed from (and that must be LIVE to confirm).
-        self.state_source = "jobs" if self.spec.target == "job" else "admin"
+        self.state_source = self.spec.state_source
 
     def compose(self) -> ComposeResult:
         with Vertical(id="control-box"):
@@ -161,6 +161,11 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
             if self.spec.options:
                 yield Select([(o, o) for o in self.spec.options], value=self.init_option or Select.NULL,
                              id="option", allow_blank=False)
+            if "rate" in self.spec.inputs:
+                yield Input(placeholder=f"new orders per second (1..{MAX_THROTTLE}, required)", id="rate",
+                            type="integer")
+            if "burst" in self.spec.inputs:
+                yield Input(placeholder="burst (optional; default one second's worth)", id="burst", type="integer")
             yield Input(placeholder="reason (required)", id="reason")
             yield Input(placeholder="ticket id (required)", id="ticket")
             yield Static("impact: loading fresh server state...", id="impact")
@@ -173,13 +178,30 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
         self.query_one("#cancel", Button).focus()
         self.load_impact()
 
+    def _number(self, field: str) -> int | None:
+        """An integer field's value; None when empty, not a number or out of the edge's bounds."""
+        if field not in self.spec.inputs:
+            return None
+        try:
+            v = int(self.query_one(f"#{field}", Input).value.strip())
+        except ValueError:
+            return None
+        return v if 1 <= v <= MAX_THROTTLE else None
+
+    def _numbers_ok(self) -> bool:
+        if "rate" in self.spec.inputs and self._number("rate") is None:
+            return False
+        return not ("burst" in self.spec.inputs and self.query_one("#burst", Input).value.strip()
+                    and self._number("burst") is None)
+
     def request(self) -> ControlRequest:
         sym = self.query_one("#symbol", Select).value if self.spec.needs_symbol else None
         opt = self.query_one("#option", Select).value if self.spec.options else None
         return ControlRequest(self.spec.id, str(sym) if isinstance(sym, str) else None,
                               str(opt) if isinstance(opt, str) else None,
                               self.query_one("#reason", Input).value.strip(),
-                              self.query_one("#ticket", Input).value.strip())
+                              self.query_one("#ticket", Input).value.strip(),
+                              rate=self._number("rate"), burst=self._number("burst"))
 
     @work(exclusive=True, group="impact")
     async def load_impact(self) -> None:
@@ -196,7 +218,9 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
         if snap is None or snap.state(self.state_source) is not SourceState.LIVE:
             t.append("server state unavailable: cannot confirm\n", style="red")
         else:
-            for line in req.impact(snap.admin, snap.tickers.get(req.symbol or ""), snap.jobs):
+            sym = req.symbol or ""
+            for line in req.impact(snap.admin, snap.tickers.get(sym), snap.jobs, throttles=snap.throttles,
+                                   order_rate=cm.command_rate(snap, sym), drop_rate=cm.throttle_drop_rate(snap, sym)):
                 t.append("• " + line + "\n")
         t.append(f"type {req.confirm_word!r} to enable Confirm", style="bold")
         self.query_one("#impact", Static).update(t)
@@ -204,6 +228,7 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
     def _validate(self) -> None:
         req = self.request()
         ok = (bool(req.reason) and bool(req.ticket) and (req.symbol is not None or not self.spec.needs_symbol)
+              and self._numbers_ok()
               and self.query_one("#confirm-word", Input).value.strip() == req.confirm_word
               and self.fresh is not None and self.fresh.state(self.state_source) is SourceState.LIVE)
         self.query_one("#confirm", Button).disabled = not ok
@@ -216,7 +241,9 @@ class ControlScreen(ModalScreen[ControlRequest | None]):
             self.load_impact()
 
     @on(Input.Changed)
-    def _typed(self) -> None:
+    def _typed(self, event: Input.Changed) -> None:
+        if event.input.id in ("rate", "burst") and self.fresh is not None:
+            self._render_impact()  # the "after" lines follow the numbers typed
         self._validate()
 
     @on(Input.Submitted)
@@ -309,7 +336,8 @@ class CockpitApp(App[None]):
 
     def on_mount(self) -> None:
         mt = self.query_one("#markets-table", DataTable)
-        mt.add_columns("symbol", "mode", "best bid", "best ask", "last", "trades/s", "seq/s", "latch")
+        mt.add_columns("symbol", "mode", "best bid", "best ask", "last", "trades/s", "seq/s", "latch", "throttle",
+                       "drops/s")
         lt = self.query_one("#ledger-table", DataTable)
         lt.add_columns("stream", "lag seq", "lag ms", "recon level", "applied seq", "engine seq", "stopped", "latch")
         jt = self.query_one("#jobs-table", DataTable)
@@ -391,13 +419,19 @@ class CockpitApp(App[None]):
         return t
 
     def _render_markets(self) -> None:
-        self.query_one("#markets-state", Static).update(self._src_note(self.model.snapshot, "market", "core", "admin"))
+        self.query_one("#markets-state", Static).update(self._src_note(self.model.snapshot, "market", "core", "admin",
+                                                                       "throttles", "edge"))
         table = self.query_one("#markets-table", DataTable)
         cursor = table.cursor_row
         table.clear()
         for r in self.model.rows():
+            throttled = r.throttle_rate is not None
             table.add_row(escape(r.symbol), dash(r.mode), dash(r.best_bid), dash(r.best_ask), dash(r.last),
-                          dash(r.tps, "{:.1f}"), dash(r.seq_rate, "{:.1f}"), dash(r.latch), key=r.symbol)
+                          dash(r.tps, "{:.1f}"), dash(r.seq_rate, "{:.1f}"), dash(r.latch),
+                          Text(cm.throttle_text(r.throttle_rate, r.throttle_layer, r.throttle_others),
+                               style="yellow bold" if throttled else ""),
+                          Text(dash(r.throttle_drops, "{:.1f}"), style="red" if r.throttle_drops else ""),
+                          key=r.symbol)
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
 
@@ -405,7 +439,7 @@ class CockpitApp(App[None]):
         table = self.query_one("#ledger-table", DataTable)
         table.clear()
         for r in self.model.rows():
-            level = None if r.recon_level is None else RECON_LEVELS.get(int(r.recon_level), dash(r.recon_level))
+            level = None if r.recon_level is None else cm.RECON_LEVELS.get(int(r.recon_level), dash(r.recon_level))
             stopped = None if r.stopped is None else ("STOPPED" if r.stopped >= 0.5 else "no")
             table.add_row(escape(r.symbol), dash(r.settle_lag_seq), dash(r.settle_lag_ms),
                           Text(dash(level), style=_LEVEL_STYLE.get(level or "", "")), dash(r.applied_seq),
@@ -510,6 +544,9 @@ class CockpitApp(App[None]):
                 t.append(fmt_value(spec, v), style={"ok": "green", "warn": "yellow", "crit": "red bold"}.get(lvl,
                                                                                                            "dim"))
                 t.append("\n")
+            if pb.details is not None:
+                for line, lvl in pb.details(self.model):
+                    t.append(f"  {line}\n", style={"ok": "green", "warn": "yellow", "crit": "red bold"}.get(lvl, "dim"))
             manual = [a.label for a in pb.actions if a.control is None]
             for m in manual:
                 t.append(f"  · {m}\n", style="dim")
@@ -609,9 +646,10 @@ class CockpitApp(App[None]):
     @on(Button.Pressed, ".pb-action")
     def _playbook_action(self, event: Button.Pressed) -> None:
         _, i, j = str(event.button.id).split("-")
-        act = PLAYBOOKS[int(i)].actions[int(j)]
+        pb = PLAYBOOKS[int(i)]
+        act = pb.actions[int(j)]
         if act.control is not None:
-            self.open_control(act.control, option=act.option)
+            self.open_control(act.control, symbol=pb.target(self.model) if pb.target else None, option=act.option)
 
 
 def jobs_from_config(cfg: Any) -> dict[str, str]:

@@ -28,7 +28,7 @@ class Command:
 
 COMMANDS: tuple[Command, ...] = (
     Command("overview", "Overview", "1", "Every seed §2 dashboard as tiles"),
-    Command("markets", "Markets", "2", "Per symbol: mode, best bid/ask, last trade, TPS, latch"),
+    Command("markets", "Markets", "2", "Per symbol: mode, best bid/ask, last trade, TPS, latch, throttle"),
     Command("ledger", "Ledger & reconciliation", "3", "Lag per symbol, latches, invariant runs, corrections"),
     Command("checks", "Scheduled checks", "4", "Each job's schedule, last run and outcome"),
     Command("audit", "Audit chain", "5", "The admin audit chain, newest first, with its verification state"),
@@ -42,6 +42,10 @@ COMMANDS: tuple[Command, ...] = (
             control="latch_release"),
     Command("break_glass", "Break-glass enable/disable", "b", "Time-limited break-glass access",
             control="break_glass"),
+    Command("set_throttle", "Set symbol throttle", "t", "SetSymbolThrottle: limit new orders/s on a symbol "
+            "(operator layer; cancels pass)", control="set_throttle"),
+    Command("clear_throttle", "Clear symbol throttle", "u", "ClearSymbolThrottle: lift the operator layer, the "
+            "settlement-lag policy's, or all", control="clear_throttle"),
     Command("run_check", "Run scheduled check now", "n", "Run the selected scheduled check now", show=False),
     Command("help", "Help", "question_mark", "Every command with its key", show=True),
     Command("quit", "Quit", "q", "Leave the cockpit (the stack keeps running unless `make run` started it)"),

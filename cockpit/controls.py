@@ -13,9 +13,12 @@ import httpx
 from cockpit.signing import OperatorKey
 from cockpit.sources import Snapshot
 
-__all__ = ["CONTROLS", "MODES", "ControlRequest", "ControlSpec", "PendingAction", "latch_text", "send"]
+__all__ = ["CONTROLS", "MAX_THROTTLE", "MODES", "THROTTLE_LAYERS", "ControlRequest", "ControlSpec", "PendingAction",
+           "latch_text", "send", "throttle_layers_text"]
 
 MODES = ("CANCEL_ONLY", "SOFT_HALT", "HARD_HALT", "NORMAL")
+THROTTLE_LAYERS = ("operator", "policy", "all")  # what ClearSymbolThrottle lifts
+MAX_THROTTLE = 1_000_000  # the edge's bound on ordersPerSecond and burst
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class ControlSpec:
     role: str
     help: str
     target: str = "symbol"  # what needs_symbol picks: a market symbol, or a scheduled check ("job")
+    # The source whose fresh state gives the impact and confirms the action (must be LIVE to confirm).
+    state_source: str = "admin"
+    inputs: tuple[str, ...] = ()  # numeric fields: "rate" (required), "burst" (optional)
 
 
 CONTROLS: dict[str, ControlSpec] = {c.id: c for c in (
@@ -39,8 +45,33 @@ CONTROLS: dict[str, ControlSpec] = {c.id: c for c in (
     ControlSpec("break_glass", "BreakGlass", False, ("enable", "disable"), "operator",
                 "Enable or disable break-glass access."),
     ControlSpec("run_check", "RunCheck", True, (), "operator",
-                "Run a scheduled check now (the jobs service runs it and reports its outcome).", target="job"),
+                "Run a scheduled check now (the jobs service runs it and reports its outcome).", target="job",
+                state_source="jobs"),
+    ControlSpec("set_throttle", "SetSymbolThrottle", True, (), "operator",
+                "Limit NEW orders/s on a symbol across all traders (operator layer; cancels pass).",
+                state_source="throttles", inputs=("rate", "burst")),
+    ControlSpec("clear_throttle", "ClearSymbolThrottle", True, THROTTLE_LAYERS, "operator",
+                "Lift a symbol's throttle: the operator layer, the settlement-lag policy's, or all.",
+                state_source="throttles"),
 )}
+
+
+def _layers(entry: Any) -> dict[str, Any]:
+    layers = entry.get("layers") if isinstance(entry, dict) else None
+    return layers if isinstance(layers, dict) else {}
+
+
+def throttle_layers_text(entry: Any) -> str:
+    """The layers of one symbol in GET /v1/admin/throttles as words: ``operator 50/s burst 50 (by ..., T-1)``."""
+    layers = entry.get("layers") if isinstance(entry, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        return "none"
+    parts = []
+    for la in sorted(layers):
+        v = layers[la] if isinstance(layers[la], dict) else {}
+        parts.append(f"{la} {v.get('ordersPerSecond', '-')}/s burst {v.get('burst', '-')}"
+                     f" (by {v.get('actor') or '-'}, {v.get('ticket') or '-'})")
+    return "; ".join(parts)
 
 
 def latch_text(latch: Any) -> str:
@@ -57,6 +88,8 @@ class ControlRequest:
     option: str | None
     reason: str
     ticket: str
+    rate: int | None = None  # SetSymbolThrottle: orders/s
+    burst: int | None = None  # SetSymbolThrottle: None = the edge's default (one second's worth)
 
     @property
     def spec(self) -> ControlSpec:
@@ -73,6 +106,8 @@ class ControlRequest:
             parts.append(self.symbol)
         if self.option:
             parts.append(self.option)
+        if self.rate is not None:
+            parts.append(f"{self.rate}/s" + (f" burst {self.burst}" if self.burst is not None else ""))
         return " ".join(parts)
 
     def http(self) -> tuple[str, dict[str, Any]]:
@@ -90,11 +125,70 @@ class ControlRequest:
             return f"/v1/admin/break-glass/{action}", rt
         if self.control == "run_check":
             return f"/v1/admin/jobs/{self.symbol}/run", rt
+        if self.control == "set_throttle":
+            body: dict[str, Any] = {"ordersPerSecond": self.rate}
+            if self.burst is not None:
+                body["burst"] = self.burst
+            return f"/v1/admin/symbols/{self.symbol}/throttle", {**body, **rt}
+        if self.control == "clear_throttle":
+            return f"/v1/admin/symbols/{self.symbol}/throttle/clear", {"layer": self.option or "operator", **rt}
         raise ValueError(self.control)
 
+    def cleared_layers(self) -> tuple[str, ...]:
+        return ("operator", "policy") if self.option == "all" else (self.option or "operator",)
+
+    def throttle_impact(self, throttles: dict[str, Any] | None, order_rate: float | None,
+                        drop_rate: float | None) -> list[str]:
+        """Set/clear throttle: the layers now (GET /v1/admin/throttles), what the edge will enforce after,
+        and the symbol's recent command rate and throttle refusals (metrics)."""
+        if throttles is None:
+            return ["throttle state unavailable: impact unknown"]
+        entry = throttles.get(self.symbol or "")
+        layers = _layers(entry)
+        enf = entry.get("enforced") if isinstance(entry, dict) else None
+        now = f"{enf.get('ordersPerSecond')}/s ({enf.get('layer')})" if isinstance(enf, dict) else "none"
+        out = [f"{self.symbol} throttle layers: {throttle_layers_text(entry)}", f"enforced now: {now}"]
+        after = {la: (int(v.get("ordersPerSecond") or 0), int(v.get("burst") or 0)) for la, v in layers.items()
+                 if isinstance(v, dict)}
+        if self.control == "set_throttle":
+            if self.rate is None:
+                out.append("enter orders/s (1..1000000) to see the effect")
+            else:
+                burst = self.burst if self.burst is not None else self.rate
+                old = after.get("operator")
+                out.append(f"operator layer: {f'{old[0]}/s burst {old[1]}' if old else 'none'} -> {self.rate}/s"
+                           f" burst {burst}")
+                after["operator"] = (self.rate, burst)
+        else:
+            gone = [la for la in self.cleared_layers() if la in after]
+            if not gone:
+                out.append(f"no {self.option or 'operator'} layer set: the edge will refuse (THROTTLE_NOT_SET)")
+            else:
+                out.append(f"clears: {', '.join(gone)}")
+                if "policy" in gone:
+                    out.append("the settlement_lag job sets its layer again at its next run while lag >= T2")
+            for la in gone:
+                after.pop(la, None)
+        if after:
+            la, (r, b) = min(after.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+            out.append(f"enforced after: {r}/s burst {b} ({la}); new orders beyond it get 429 SYMBOL_THROTTLED,"
+                       " cancels pass")
+        else:
+            out.append("enforced after: none (new orders unthrottled)")
+        rate_txt = "-" if order_rate is None else f"{order_rate:.1f}"
+        drops_txt = "-" if drop_rate is None else f"{drop_rate:.1f}"
+        out.append(f"recent rate: {rate_txt} commands/s on {self.symbol}; throttle refusals {drops_txt}/s")
+        return out
+
     def impact(self, admin: dict[str, Any] | None, ticker: dict[str, Any] | None,
-               jobs: list[dict[str, Any]] | None = None) -> list[str]:
-        """What changes, from fresh server state (admin status, ticker, scheduled checks)."""
+               jobs: list[dict[str, Any]] | None = None, *, throttles: dict[str, Any] | None = None,
+               order_rate: float | None = None, drop_rate: float | None = None) -> list[str]:
+        """What changes, from fresh server state (admin status, ticker, scheduled checks, throttles)."""
+        if self.control in ("set_throttle", "clear_throttle"):
+            lines = self.throttle_impact(throttles, order_rate, drop_rate)
+            if admin is not None:
+                lines.append(f"{self.symbol} mode {(admin.get('modes') or {}).get(self.symbol, '-')}")
+            return lines
         if admin is None:
             return ["server state unavailable: impact unknown"]
         modes = admin.get("modes") or {}
@@ -140,8 +234,19 @@ class ControlRequest:
                        f" last {ticker.get('last') or '-'}")
         return out
 
-    def confirmed_by(self, snap: Snapshot) -> bool | None:
+    def confirmed_by(self, snap: Snapshot, audit_seq: int | None = None) -> bool | None:
         """True once the services' own state shows the action applied; None when it cannot tell."""
+        if self.control in ("set_throttle", "clear_throttle"):
+            if snap.throttles is None:
+                return None
+            layers = _layers(snap.throttles.get(self.symbol or ""))
+            if self.control == "clear_throttle":
+                return not any(la in layers for la in self.cleared_layers())
+            got = layers.get("operator")
+            # Ours, not an earlier identical setting: the stored layer names the audit entry that set it.
+            return (isinstance(got, dict) and got.get("ordersPerSecond") == self.rate
+                    and got.get("burst") == (self.burst if self.burst is not None else self.rate)
+                    and (audit_seq is None or got.get("auditSeq") == audit_seq))
         admin = snap.admin
         if admin is None:
             return None
@@ -179,7 +284,9 @@ class PendingAction:
             self.audited = any(e.get("seq") == self.audit_seq for e in snap.audit if isinstance(e, dict))
         if self.state != "SENT":
             return
-        ok = self.request.confirmed_by(snap)
+        ok = self.request.confirmed_by(snap, self.audit_seq)
+        if ok is None and self.request.spec.state_source == "throttles":
+            ok = False  # only the throttle list itself confirms a throttle change: wait for it
         if (ok is True or (ok is None and self.audited)) and (self.audited or self.audit_seq is None):
             self.state = "APPLIED"
         elif snap.at - self.started > timeout_s:

@@ -12,7 +12,10 @@ from typing import Any
 from cockpit.metrics import Metrics, histogram_quantile, rate
 from cockpit.sources import Snapshot, SourceState
 
-__all__ = ["DASHBOARDS", "TILES", "Model", "SymbolRow", "TileSpec", "fmt_value", "level"]
+__all__ = ["DASHBOARDS", "RECON_LEVELS", "TILES", "Model", "SymbolRow", "TileSpec", "command_rate", "fmt_value",
+           "level", "throttle_drop_rate", "throttle_of", "throttle_text"]
+
+RECON_LEVELS = {0: "ok", 1: "warn", 2: "throttle T2", 3: "halt T3"}  # ledger_reconciliation_level
 
 Value = float | None
 
@@ -195,6 +198,85 @@ class SymbolRow:
     applied_seq: Value = None
     engine_seq: Value = None
     stopped: Value = None
+    # The symbol throttle: enforced orders/s and its layer ("operator", "policy"; "none" when known to be
+    # unthrottled, None when unknown), the other layers present, and refusals per second.
+    throttle_rate: Value = None
+    throttle_layer: str | None = None
+    throttle_others: tuple[str, ...] = ()
+    throttle_drops: Value = None
+
+
+THROTTLE_DROPS = "edge_symbol_throttle_drops_total"
+THROTTLE_RATE = "edge_symbol_throttle_orders_per_s"
+
+
+def throttle_of(snap: Snapshot, symbol: str) -> tuple[Value, str | None, tuple[str, ...]]:
+    """(enforced orders/s, its layer, the other layers set) of ``symbol``.
+
+    From the admin API when it answers (its ``enforced`` is what the answering edge applies; a layer
+    stored but not yet applied by that edge reads ``<layer> (not enforced)``); else from the edge's
+    ``edge_symbol_throttle_orders_per_s`` gauge, which knows the rate but not the layer (``?``).
+    ``(None, "none", ())`` when known to be unthrottled, ``(None, None, ())`` when unknown."""
+    if snap.throttles is not None:
+        ent = snap.throttles.get(symbol)
+        if not isinstance(ent, dict):
+            return None, "none", ()
+        got = ent.get("layers")
+        layers: dict[str, Any] = got if isinstance(got, dict) else {}
+        enf = ent.get("enforced")
+        if isinstance(enf, dict) and enf.get("ordersPerSecond") is not None:
+            layer = str(enf.get("layer") or "?")
+            return float(enf["ordersPerSecond"]), layer, tuple(sorted(la for la in layers if la != layer))
+        stored = [(float(v["ordersPerSecond"]), int(v.get("burst") or 0), str(la)) for la, v in layers.items()
+                  if isinstance(v, dict) and v.get("ordersPerSecond") is not None]
+        if not stored:
+            return None, "none", ()
+        rate_, _, layer = min(stored)
+        return rate_, f"{layer} (not enforced)", tuple(sorted(la for la in layers if la != layer))
+    edge = snap.metrics.get("edge")
+    if edge is None or not edge.has(THROTTLE_RATE):
+        return None, None, ()
+    v = edge.get(THROTTLE_RATE, symbol=symbol)
+    if v is None or v <= 0:
+        return None, "none", ()  # the gauge is 0 (or was never set) for an unthrottled symbol
+    return v, "?", ()
+
+
+def throttle_text(rate_: Value, layer: str | None, others: tuple[str, ...] = ()) -> str:
+    """``50/s operator`` (``+policy`` when another layer is set too); a dash when none or unknown."""
+    if rate_ is None:
+        return "-"
+    txt = f"{rate_:.0f}/s {layer or '?'}"
+    return txt + "".join(f" +{o}" for o in others)
+
+
+def throttle_drop_rate(snap: Snapshot, symbol: str) -> Value:
+    """Orders refused by the symbol's throttle per second, between the last two edge scrapes. A declared
+    counter without this symbol's series is a real 0 (no refusal yet); no counter at all is unknown."""
+    m = _m(snap, "edge")
+    prev, dt = _prev(snap, "edge")
+    if m is None or prev is None:
+        return None
+
+    def total(x: Metrics) -> Value:
+        v = x.get(THROTTLE_DROPS, symbol=symbol)
+        return 0.0 if v is None and x.has(THROTTLE_DROPS) else v
+
+    return rate(total(m), total(prev), dt)
+
+
+def command_rate(snap: Snapshot, symbol: str) -> Value:
+    """Commands the core sequenced on ``symbol`` per second (new orders, cancels, amends)."""
+    m = _m(snap, "core")
+    prev, dt = _prev(snap, "core")
+    if m is None or prev is None:
+        return None
+
+    def total(x: Metrics) -> Value:
+        v = x.get("core_commands_total", symbol=symbol)
+        return 0.0 if v is None and x.has("core_commands_total") else v
+
+    return rate(total(m), total(prev), dt)
 
 
 def _latch_of(admin: dict[str, Any] | None, ledger: Metrics | None, symbol: str) -> str | None:
@@ -275,6 +357,8 @@ class Model:
                 r.applied_seq = ledger.get("ledger_applied_seq", stream=sym)
                 r.engine_seq = ledger.get("ledger_engine_seq", stream=sym)
                 r.stopped = ledger.get("ledger_stream_stopped", stream=sym)
+            r.throttle_rate, r.throttle_layer, r.throttle_others = throttle_of(snap, sym)
+            r.throttle_drops = throttle_drop_rate(snap, sym)
             rows.append(r)
         return rows
 

@@ -3,12 +3,13 @@ immediate actions as the matching §6 controls (the same confirmation path as ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from cockpit.model import TileSpec, counter_rate, gauge
+from cockpit.model import RECON_LEVELS, Model, TileSpec, counter_rate, gauge, throttle_text
 from cockpit.sources import Snapshot, SourceState
 
-__all__ = ["PLAYBOOKS", "Playbook", "PlaybookAction"]
+__all__ = ["PLAYBOOKS", "Playbook", "PlaybookAction", "lag_throttle_details", "most_lagged"]
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,49 @@ class Playbook:
     signals: tuple[TileSpec, ...]
     actions: tuple[PlaybookAction, ...]
     notes: str = ""
+    # Per-symbol live lines under the signals: (text, level "ok" / "warn" / "crit" / "none").
+    details: Callable[[Model], list[tuple[str, str]]] | None = None
+    # The default symbol of its controls (else the markets screen's selected row).
+    target: Callable[[Model], str | None] | None = None
 
 
 def _kafka_health(snap: Snapshot) -> float | None:
     return None if snap.state("kafka") is SourceState.DISCONNECTED else 1.0
+
+
+def _dash(v: float | None, fmt: str = "{:.0f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def lag_throttle_details(model: Model) -> list[tuple[str, str]]:
+    """§3.2: the affected symbols (lagging, or throttled by either layer) with their lag, reconciliation
+    level and throttle: enforced orders/s and layer, and refusals per second."""
+    rows = model.rows()
+    if model.snapshot is None or not rows:
+        return [("symbols: -", "none")]
+    out: list[tuple[str, str]] = []
+    for r in rows:
+        lagging = (r.recon_level or 0) >= 1 or (r.settle_lag_seq or 0) > 0
+        if not lagging and r.throttle_rate is None:
+            continue
+        lvl = None if r.recon_level is None else RECON_LEVELS.get(int(r.recon_level), _dash(r.recon_level))
+        txt = (f"{r.symbol:<10} lag {_dash(r.settle_lag_seq)} seq / {_dash(r.settle_lag_ms)} ms  level {lvl or '-'}"
+               f"  throttle {throttle_text(r.throttle_rate, r.throttle_layer, r.throttle_others)}"
+               f"  drops {_dash(r.throttle_drops, '{:.1f}')}/s")
+        sev = "crit" if (r.recon_level or 0) >= 2 else "warn" if lagging or r.throttle_rate is not None else "ok"
+        out.append((txt, sev))
+    if not out:
+        unknown = all(r.settle_lag_seq is None for r in rows) or all(r.throttle_layer is None for r in rows)
+        out.append(("symbols: -" if unknown else "no symbol lagging or throttled", "none" if unknown else "ok"))
+    return out
+
+
+def most_lagged(model: Model) -> str | None:
+    rows = [r for r in model.rows() if r.settle_lag_seq is not None or r.settle_lag_ms is not None]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: (r.recon_level or 0, r.settle_lag_seq or 0, r.settle_lag_ms or 0))
+    return best.symbol if (best.settle_lag_seq or 0) > 0 or (best.recon_level or 0) > 0 else None
 
 
 PLAYBOOKS: tuple[Playbook, ...] = (
@@ -58,8 +98,10 @@ PLAYBOOKS: tuple[Playbook, ...] = (
                  counter_rate("ledger", "ledger_db_tx_errors_total"), 0.01, 1),
     ), (
         PlaybookAction("Verify Postgres health and Kafka consumer lag", None),
+        PlaybookAction("Over T2: throttle new orders of the affected symbol", "set_throttle"),
         PlaybookAction("Over T3: SOFT_HALT the affected symbol", "set_mode", "SOFT_HALT"),
-    )),
+        PlaybookAction("Recovered: clear the throttle", "clear_throttle", "operator"),
+    ), details=lag_throttle_details, target=most_lagged),
     Playbook("3.3", "Split-brain suspected", "SEV1", (
         TileSpec("pb_dup", "", "duplicate seq", "core", "", gauge("core", "core_duplicate_seq_total"), 1, 1),
         TileSpec("pb_div", "", "standby divergence", "core-standby", "",

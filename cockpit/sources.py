@@ -48,7 +48,7 @@ class SourceState(enum.StrEnum):
 # Services whose Prometheus /metrics feed the dashboards (names as in run/ports.json).
 METRIC_SOURCES = ("core", "core-standby", "edge", "ledger", "exporter")
 # Every source, in the order of the status bar.
-SOURCE_NAMES = (*METRIC_SOURCES, "kafka", "admin", "audit", "market", "jobs", "stack")
+SOURCE_NAMES = (*METRIC_SOURCES, "kafka", "admin", "audit", "market", "jobs", "throttles", "stack")
 
 
 @dataclass
@@ -87,6 +87,9 @@ class Snapshot:
     stack: dict[str, Any] | None = None
     # The scheduled checks (edge GET /v1/admin/jobs): name, schedule, next_run_at, last_run.
     jobs: list[dict[str, Any]] | None = None
+    # The symbol throttles (edge GET /v1/admin/throttles): symbol -> {"layers": {layer: ...}, "enforced": ...};
+    # a symbol absent from a present dict has no throttle.
+    throttles: dict[str, dict[str, Any]] | None = None
 
     def state(self, name: str) -> SourceState:
         st = self.sources.get(name)
@@ -259,6 +262,8 @@ class HttpPoller:
             jobs["market"] = self._market(edge)
         jobs["jobs"] = self._get_json(edge, "/v1/admin/jobs", signed=True) if edge is not None \
             else missing("no edge endpoint")
+        jobs["throttles"] = self._get_json(edge, "/v1/admin/throttles", signed=True) if edge is not None \
+            else missing("no edge endpoint")
 
         async def stack() -> Any:
             return self._read_json("state.json")
@@ -297,6 +302,9 @@ class HttpPoller:
         snap.stack = tr["stack"].current(now)
         jobs = tr["jobs"].current(now)
         snap.jobs = jobs.get("jobs") if isinstance(jobs, dict) and isinstance(jobs.get("jobs"), list) else None
+        th = tr["throttles"].current(now)
+        snap.throttles = th.get("throttles") if isinstance(th, dict) and isinstance(th.get("throttles"), dict) \
+            else None
         return snap
 
 

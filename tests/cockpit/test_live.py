@@ -3,6 +3,8 @@ and the audit chain, and a refused control with its reason."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from textual.pilot import Pilot
 from textual.widgets import Button, DataTable, Static
 
@@ -216,3 +218,75 @@ async def test_run_check_now_from_the_checks_screen(cockpit_stack: CockpitStack)
         await _until(pilot, lambda: any((j.get("last_run") or {}).get("id", 0) >= run_id
                                         for j in app.model.snapshot.jobs or [] if j["name"] == "invariants"))
         assert str(table.get_row("invariants")[4]) in ("ok", "violation", "error")
+
+
+async def test_symbol_throttle_set_and_clear_through_the_cockpit(cockpit_stack: CockpitStack) -> None:
+    sym = "ETH-USDT"
+    app = _app(cockpit_stack, cockpit_stack.operator, {"operator"})
+
+    def throttles() -> dict[str, Any]:
+        snap = app.model.snapshot
+        assert snap is not None and snap.throttles is not None
+        return snap.throttles
+
+    def row() -> Any:
+        return next(r for r in app.model.rows() if r.symbol == sym)
+
+    async with app.run_test(size=(160, 50)) as pilot:
+        await _until(pilot, lambda: app.model.snapshot is not None and app.model.snapshot.throttles is not None
+                     and app.model.snapshot.admin is not None and sym in app.model.symbols())
+        assert sym not in throttles()
+        assert row().throttle_layer == "none" and row().throttle_rate is None
+
+        # Set: orders/s and burst, reason, ticket, the typed symbol; impact from the throttle list.
+        app.call_later(app.open_control, "set_throttle", symbol=sym)
+        await _until(pilot, lambda: isinstance(app.screen, ControlScreen))
+        screen = app.screen
+        assert app.focused is screen.query_one("#cancel", Button)
+        await _until(pilot, lambda: f"{sym} throttle layers: none" in str(screen.query_one("#impact", Static).render()))
+        await pilot.click("#rate")
+        await pilot.press(*"400")
+        await pilot.click("#burst")
+        await pilot.press(*"800")
+        await _until(pilot, lambda: "enforced after: 400/s burst 800 (operator)"
+                     in str(screen.query_one("#impact", Static).render()))
+        await _set_control_fields(pilot, "lag drill", "T-9", sym)
+        await pilot.press("enter")  # Enter never confirms
+        await pilot.pause(0.2)
+        assert app.screen is screen and not app.actions
+        await pilot.click("#confirm")
+        await _until(pilot, lambda: bool(app.actions) and app.actions[-1].done, timeout=30)
+        action = app.actions[-1]
+        assert action.state == "APPLIED", action
+        assert action.audited and action.audit_seq is not None
+        layer = throttles()[sym]["layers"]["operator"]
+        assert (layer["ordersPerSecond"], layer["burst"], layer["auditSeq"]) == (400, 800, action.audit_seq)
+        audit = app.model.snapshot.audit or []  # type: ignore[union-attr]
+        entry = next(e for e in audit if e["seq"] == action.audit_seq)
+        assert entry["action"] == "SetSymbolThrottle" and entry["ticket"] == "T-9" and entry["reason"] == "lag drill"
+        assert entry["params"] == {"symbol": sym, "layer": "operator", "orders_per_s": 400, "burst": 800}
+        await _until(pilot, lambda: (row().throttle_rate, row().throttle_layer) == (400.0, "operator"))
+        table = app.query_one("#markets-table", DataTable)
+        assert str(table.get_row(sym)[8]) == "400/s operator"
+        assert row().throttle_drops is not None  # the edge's drops counter: a rate, not a dash
+
+        # Clear the operator layer: gone from GET /v1/admin/throttles, audited.
+        app.call_later(app.open_control, "clear_throttle", symbol=sym, option="operator")
+        await _confirm(pilot, app, "recovered", "T-9", sym, "clears: operator")
+        await _until(pilot, lambda: len(app.actions) == 2 and app.actions[-1].done, timeout=30)
+        cleared = app.actions[-1]
+        assert cleared.state == "APPLIED", cleared
+        assert sym not in throttles()
+        entry = next(e for e in app.model.snapshot.audit or [] if e["seq"] == cleared.audit_seq)  # type: ignore[union-attr]
+        assert entry["action"] == "ClearSymbolThrottle" and entry["params"]["layers"] == ["operator"]
+        assert entry["params"]["was"]["operator"]["orders_per_s"] == 400
+        await _until(pilot, lambda: row().throttle_rate is None and row().throttle_layer == "none")
+        assert str(app.query_one("#markets-table", DataTable).get_row(sym)[8]) == "-"
+        assert app.audit_state[0] == "VERIFIED"
+
+        # Clearing again is refused by the edge, with its reason (nothing to clear).
+        app.call_later(app.open_control, "clear_throttle", symbol=sym, option="operator")
+        await _confirm(pilot, app, "again", "T-9", sym, "no operator layer set")
+        await _until(pilot, lambda: len(app.actions) == 3 and app.actions[-1].done)
+        refused = app.actions[-1]
+        assert refused.state == "REJECTED" and "404 THROTTLE_NOT_SET" in refused.detail, refused

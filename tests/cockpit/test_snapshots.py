@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from textual.pilot import Pilot
 
 from cockpit.app import CockpitApp
 from cockpit.metrics import parse_metrics
+from cockpit.signing import OperatorKey
 from cockpit.sources import SOURCE_NAMES, Snapshot, SourceState, SourceStatus, StaticPoller
 from ledger.audit import GENESIS_HASH, entry_hash
 
@@ -21,6 +23,8 @@ core_queue_depth 3
 # TYPE core_trades_total counter
 core_trades_total{symbol="BTC-USDT"} %d
 core_trades_total{symbol="ETH-USDT"} %d
+# TYPE core_commands_total counter
+core_commands_total{symbol="BTC-USDT"} %d
 # TYPE core_stream_seq gauge
 core_stream_seq{stream="BTC-USDT"} %d
 core_stream_seq{stream="ETH-USDT"} %d
@@ -70,7 +74,21 @@ auth_fail_total{reason="unknown_key"} 4
 replay_detect_total 1
 # TYPE ws_connected_clients gauge
 ws_connected_clients 12
+# TYPE edge_symbol_throttle_drops counter
+edge_symbol_throttle_drops_total{symbol="BTC-USDT"} %d
+# TYPE edge_symbol_throttle_orders_per_s gauge
+edge_symbol_throttle_orders_per_s{symbol="BTC-USDT"} 50
+edge_symbol_throttle_orders_per_s{symbol="ETH-USDT"} 0
 """
+# GET /v1/admin/throttles: BTC-USDT throttled by both layers, the operator's (stricter) enforced.
+THROTTLES = {"BTC-USDT": {
+    "layers": {"operator": {"ordersPerSecond": 50, "burst": 50, "actor": "alice:0123456789abcdef",
+                            "reason": "lag spike", "ticket": "INC-43", "auditSeq": 4,
+                            "setAtMs": int(AT * 1000) - 30_000, "revision": 7},
+               "policy": {"ordersPerSecond": 100, "burst": 100, "actor": "jobs:settlement_lag",
+                          "reason": "settlement lag 1200 >= T2", "ticket": "LEDGER-LAG-BTC-USDT",
+                          "auditSeq": 3, "setAtMs": int(AT * 1000) - 60_000, "revision": 6}},
+    "enforced": {"ordersPerSecond": 50, "burst": 50, "layer": "operator", "drops": 42}}}
 
 
 def _audit() -> list[dict[str, Any]]:
@@ -109,10 +127,10 @@ def _snapshot(state: SourceState) -> Snapshot:
     snap = Snapshot(at=AT, sources=sources)
     if state is SourceState.DISCONNECTED:
         return snap
-    snap.metrics = {"core": parse_metrics(CORE % (120, 40, 900, 420, 10.5)), "ledger": parse_metrics(LEDGER),
-                    "edge": parse_metrics(EDGE % (30, 7))}
-    snap.prev_metrics = {"core": (parse_metrics(CORE % (100, 38, 700, 410, 10.4)), 1.0),
-                         "edge": (parse_metrics(EDGE % (25, 7)), 1.0)}
+    snap.metrics = {"core": parse_metrics(CORE % (120, 40, 300, 900, 420, 10.5)), "ledger": parse_metrics(LEDGER),
+                    "edge": parse_metrics(EDGE % (30, 7, 42))}
+    snap.prev_metrics = {"core": (parse_metrics(CORE % (100, 38, 240, 700, 410, 10.4)), 1.0),
+                         "edge": (parse_metrics(EDGE % (25, 7, 30)), 1.0)}
     audit = _audit()
     snap.admin = {"modes": {"BTC-USDT": "CANCEL_ONLY", "ETH-USDT": "CANCEL_ONLY"}, "withdrawalsHalted": True,
                   "latches": {"ETH-USDT": {"symbol": "ETH-USDT", "engaged": True, "mode": "CANCEL_ONLY",
@@ -123,6 +141,7 @@ def _snapshot(state: SourceState) -> Snapshot:
     snap.tickers = {"BTC-USDT": {"bestBid": "65000.00", "bestAsk": "65001.00", "last": "65000.50"},
                     "ETH-USDT": {"bestBid": "3400.10", "bestAsk": "3400.30", "last": "3400.20"}}
     snap.jobs = JOBS
+    snap.throttles = THROTTLES
     return snap
 
 
@@ -142,6 +161,38 @@ def test_overview_snapshot(snap_compare: Any, state: SourceState) -> None:
 @pytest.mark.parametrize("state", STATES)
 def test_markets_snapshot(snap_compare: Any, state: SourceState) -> None:
     assert snap_compare(_app(state), press=["2"], terminal_size=(150, 30))
+
+
+def test_markets_throttles_lost_snapshot(snap_compare: Any) -> None:
+    """Every source LIVE but the throttle list: the enforced rate still comes from the edge's gauge,
+    without its layer (``?``), and the note above the table says the throttles source is lost."""
+    snap = _snapshot(SourceState.LIVE)
+    snap.sources["throttles"] = SourceStatus("throttles", SourceState.DISCONNECTED, 25.0, "HTTP 503 UNAVAILABLE")
+    snap.throttles = None
+    assert snap_compare(CockpitApp(StaticPoller(snap), poll_interval=0, jobs=CONFIG_JOBS), press=["2"],
+                        terminal_size=(150, 30))
+
+
+def test_set_throttle_dialog_snapshot(snap_compare: Any) -> None:
+    """The SetSymbolThrottle confirmation: the layers now, the operator layer's change, what the edge
+    will enforce after, the recent command rate and refusals; Confirm disabled until the typed symbol."""
+    key = OperatorKey.from_hex("11" * 32)
+    app = CockpitApp(StaticPoller(_snapshot(SourceState.LIVE), "http://edge.invalid", key),
+                     roles=frozenset({"operator"}), poll_interval=0, jobs=CONFIG_JOBS)
+
+    async def fill(pilot: Pilot[None]) -> None:
+        await pilot.pause()
+        app.open_control("set_throttle", symbol="BTC-USDT")
+        await pilot.pause()
+        await pilot.click("#rate")
+        await pilot.press(*"20")
+        await pilot.click("#reason")
+        await pilot.press(*"lag spike")
+        await pilot.click("#ticket")
+        await pilot.press(*"INC-44")
+        await pilot.pause()
+
+    assert snap_compare(app, run_before=fill, terminal_size=(150, 48))
 
 
 @pytest.mark.parametrize("state", STATES)
