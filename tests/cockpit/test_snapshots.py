@@ -213,3 +213,35 @@ def test_audit_snapshot(snap_compare: Any, state: SourceState) -> None:
 @pytest.mark.parametrize("state", STATES)
 def test_playbooks_snapshot(snap_compare: Any, state: SourceState) -> None:
     assert snap_compare(_app(state), press=["6"], terminal_size=(150, 48))
+
+
+async def test_lag_playbook_offers_the_throttle_controls() -> None:
+    """§3.2's buttons open SetSymbolThrottle / ClearSymbolThrottle on the most lagged symbol (BTC-USDT:
+    level warn, 12 behind), and its lines show that symbol's throttle; ETH-USDT (no lag, no throttle)
+    is not listed."""
+    from cockpit.app import ControlScreen
+    from cockpit.playbooks import PLAYBOOKS, lag_throttle_details
+
+    key = OperatorKey.from_hex("11" * 32)
+    app = CockpitApp(StaticPoller(_snapshot(SourceState.LIVE), "http://edge.invalid", key),
+                     roles=frozenset({"operator"}), poll_interval=0, jobs=CONFIG_JOBS)
+    i = next(n for n, pb in enumerate(PLAYBOOKS) if pb.id == "3.2")
+    async with app.run_test(size=(150, 48)) as pilot:
+        await pilot.press("6")
+        await pilot.pause()
+        lines = lag_throttle_details(app.model)
+        assert [sev for _, sev in lines] == ["warn"] and "BTC-USDT" in lines[0][0]
+        assert "throttle 50/s operator +policy" in lines[0][0] and "drops 12.0/s" in lines[0][0]
+        for control, option in (("set_throttle", None), ("clear_throttle", "operator")):
+            j = next(n for n, a in enumerate(PLAYBOOKS[i].actions) if a.control == control)
+            button = app.query_one(f"#pb-{i}-{j}")
+            assert not button.disabled
+            app.query_one(f"#pb-{i}-{j}").press()
+            await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, ControlScreen) and screen.spec.id == control
+            req = screen.request()
+            assert (req.symbol, req.option) == ("BTC-USDT", option)
+            await pilot.click("#cancel")
+            await pilot.pause()
+            assert not isinstance(app.screen, ControlScreen)
