@@ -17,6 +17,12 @@ bookkeeping included); ``cpu_commands_per_s`` divides by the process CPU time of
 the machine was: on a shared 2-core box the figures are only comparable at a similar load.
 
 Usage: ``python -m benchmarks.bench_engine [n] [seed]`` prints one JSON line.
+
+``python -m benchmarks.bench_engine --opcodes [n] [seed]`` counts instead of timing: the bytecodes
+the interpreter executes per command (``sys.settrace`` opcode events, per engine function) over the
+same flow. Deterministic and independent of the machine's load, so it can tell a 2 % change apart
+where CPU-time runs on the shared box vary by 20 %; it says nothing about the cost of allocations
+or of C calls (see docs/performance.md for the machine-instruction counts taken with callgrind).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from core.wire import (
     market_config,
 )
 
-__all__ = ["run"]
+__all__ = ["opcodes", "run"]
 
 SYMBOLS = (
     ("BTC-USDT", "BTC", 6_500_000),
@@ -228,7 +234,55 @@ def run(n: int = 1_000_000, seed: int = 1, checkpoint_every: int = 10_000, chunk
     }
 
 
+def opcodes(n: int = 20_000, seed: int = 1, checkpoint_every: int = 10_000) -> dict[str, Any]:
+    """Bytecodes executed per command by ``Engine.apply`` over ``n`` commands of the same flow as
+    :func:`run` (after the same warm-up), in total and per function. Slow (traced): keep ``n`` small."""
+    gen, seq = _setup(checkpoint_every)
+    e, _ = _setup(checkpoint_every)
+    flow = _Flow(gen, seed)
+    cmds: list[SequencedCommand] = []
+    for _ in range(20_000 + n):
+        seq += 1
+        cmd = SequencedCommand(seq=seq, ts_ms=1_700_000_000_000 + seq, fencing_token=1, correlation_id="c",
+                               command=flow.next(seq))
+        gen.apply(cmd)
+        cmds.append(cmd)
+    for cmd in cmds[:20_000]:
+        e.apply(cmd)
+    per_fn: dict[str, int] = {}
+
+    def tracer(frame: Any, event: str, _arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            name = frame.f_code.co_qualname
+            per_fn[name] = per_fn.get(name, 0) + 1
+        return tracer
+
+    apply = e.apply
+    sys.settrace(tracer)
+    try:
+        for cmd in cmds[20_000:]:
+            apply(cmd)
+    finally:
+        sys.settrace(None)
+    if e.state_hash() != gen.state_hash():
+        raise AssertionError("replayed engine diverged from the generating engine")
+    total = sum(per_fn.values())
+    top = sorted(per_fn.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "bench": "engine-opcodes",
+        "engine_impl": ENGINE_IMPL,
+        "commands": n,
+        "opcodes_per_command": round(total / n, 1),
+        "per_function": {k: round(v / n, 1) for k, v in top},
+        "seed": seed,
+    }
+
+
 if __name__ == "__main__":
-    _n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
-    _seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    print(json.dumps(run(_n, _seed)))
+    _args = [a for a in sys.argv[1:] if a != "--opcodes"]
+    _seed = int(_args[1]) if len(_args) > 1 else 1
+    if "--opcodes" in sys.argv[1:]:
+        print(json.dumps(opcodes(int(_args[0]) if _args else 20_000, _seed)))
+    else:
+        print(json.dumps(run(int(_args[0]) if _args else 1_000_000, _seed)))
