@@ -198,6 +198,8 @@ class Engine:
         if checkpoint_every < 0 or recent_orders < 0:
             raise ValueError("checkpoint_every and recent_orders must be >= 0")
         self._ckpt_every = checkpoint_every
+        # The next seq that gets an EngineCheckpoint (-1: never): one compare per command.
+        self._next_ckpt = checkpoint_every or -1
         self._recent_cap = recent_orders
         self._markets: dict[str, Market] = {}
         self._accounts: dict[int, Account] = {}
@@ -271,8 +273,8 @@ class Engine:
             except KeyError:
                 raise TypeError(f"not a command: {type(c).__name__}") from None
             handler(c)
-        ce = self._ckpt_every
-        if ce and seq % ce == 0:
+        if seq == self._next_ckpt:
+            self._next_ckpt = seq + self._ckpt_every
             self._checkpoint()
         if len(self._retired) > self._retired_max:
             self._trim_retired()
@@ -1413,6 +1415,8 @@ class Engine:
         if fmt != SNAPSHOT_FORMAT:
             raise ValueError(f"unsupported state format {fmt}")
         eng._last_seq = last_seq
+        if ce:
+            eng._next_ckpt = (last_seq // ce + 1) * ce
         eng._max_fence = max_fence
         eng._halted = halted
         eng._sys_seq = sys_seq

@@ -1217,6 +1217,25 @@ def test_checkpoint_every_n_commands() -> None:
     assert isinstance(evs[-1], EngineCheckpoint) and evs[-1].last_seq == 6 and evs[-1].seq == 7
 
 
+@pytest.mark.parametrize("restore_at", [1, 2, 3, 4, 6])
+def test_checkpoint_cadence_survives_a_snapshot_restore(restore_at: int) -> None:
+    """An engine restored from a snapshot taken at any seq checkpoints at the same seqs as one that
+    never stopped (the next checkpoint seq is derived from the restored last_seq)."""
+    cmds: list[Command] = [AddMarket(config=make_cfg())]
+    cmds += [Deposit(account_id=A, asset="USDT", amount=i) for i in range(1, 9)]
+    stream = [SequencedCommand(seq=i, ts_ms=i, fencing_token=1, correlation_id="", command=c)
+              for i, c in enumerate(cmds, 1)]
+    straight = Engine(checkpoint_every=3)
+    head = Engine(checkpoint_every=3)
+    straight_out = [straight.apply(sc) for sc in stream]
+    for sc in stream[:restore_at]:
+        head.apply(sc)
+    restored = Engine.from_snapshot(head.snapshot())
+    assert [restored.apply(sc) for sc in stream[restore_at:]] == straight_out[restore_at:]
+    ckpts = [e.last_seq for out in straight_out for e in out if isinstance(e, EngineCheckpoint)]
+    assert ckpts == [3, 6, 9]
+
+
 def test_state_hash_ignores_history_order() -> None:
     def run(order: list[Command]) -> Engine:
         e = Engine(checkpoint_every=0)
