@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from core.wire import (
@@ -166,20 +167,62 @@ APPROVAL_WINDOW_MS = 3_600_000
 SYS_STREAM = "_sys"
 
 
-async def _earlier_approvers(st: EdgeState, symbol: str, engaged_seq: int | None, ticket: str) -> list[str]:
+async def latch_approvals(st: EdgeState, symbol: str, engaged_seq: int | None,
+                          ticket: str | None = None) -> list[dict[str, Any]]:
+    """The recorded approvals (``LatchReleaseRequested`` entries) of ``symbol``'s current latch within
+    the window, oldest first: one per (ticket, approver), the earliest, as ``{"actor", "ticket",
+    "auditSeq", "tsMs", "reason"}``; only ``ticket``'s when given."""
     rows = await st.pool.fetch(
-        "SELECT actor, body FROM audit_chain WHERE chain = 'admin' AND action = 'LatchReleaseRequested' "
+        "SELECT seq, actor, ts_ms, body FROM audit_chain WHERE chain = 'admin' AND action = 'LatchReleaseRequested' "
         "AND seq > $1 AND ts_ms >= $2 ORDER BY seq", engaged_seq or 0, time.time_ns() // 1_000_000 - APPROVAL_WINDOW_MS)
-    out: list[str] = []
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
     for r in rows:
         body = json.loads(r["body"])
-        same = (body.get("params") or {}).get("symbol") == symbol and body.get("ticket") == ticket.strip()
-        if same and r["actor"] not in out:
-            out.append(str(r["actor"]))
+        t = str(body.get("ticket") or "")
+        if (body.get("params") or {}).get("symbol") != symbol or (ticket is not None and t != ticket.strip()):
+            continue
+        if (t, str(r["actor"])) in seen:
+            continue
+        seen.add((t, str(r["actor"])))
+        out.append({"actor": str(r["actor"]), "ticket": t, "auditSeq": int(r["seq"]), "tsMs": int(r["ts_ms"]),
+                    "reason": body.get("reason")})
     return out
 
 
-@post("/v1/admin/reconciliation/latch/{symbol:str}/release", status_code=200, responses=ADMIN_ERRORS,
+class LatchAwaitingSecondApprover(msgspec.Struct, kw_only=True):
+    """202 of a latch release whose approval is recorded and awaits a distinct second approver."""
+
+    status: str  # AWAITING_SECOND_APPROVER
+    symbol: str
+    ticket: str
+    approvers: list[str]
+    auditSeq: int
+
+
+_RELEASE_RESPONSES = {**ADMIN_ERRORS, 202: ResponseSpec(
+    data_container=LatchAwaitingSecondApprover, generate_examples=False,
+    description="Approval recorded (LatchReleaseRequested); a distinct second approver must send the same ticket")}
+
+
+async def _earlier_approvers(st: EdgeState, symbol: str, engaged_seq: int | None, ticket: str) -> list[str]:
+    return list(dict.fromkeys(a["actor"] for a in await latch_approvals(st, symbol, engaged_seq, ticket)))
+
+
+async def pending_approvals(st: EdgeState, latches: Any) -> None:
+    """Adds ``pendingApprovals`` (see :func:`latch_approvals`) to each engaged latch of an admin status
+    ``latches`` map where a release needs a second approver (``[]`` otherwise or when released)."""
+    rec = _reconcile()
+    if not isinstance(latches, dict) or "error" in latches or rec is None:
+        return
+    second = rec.second_approver_required(st.cfg)
+    for symbol, latch in latches.items():
+        if isinstance(latch, dict):
+            latch["pendingApprovals"] = (await latch_approvals(st, symbol, latch.get("engaged_audit_seq"))
+                                         if second and latch.get("engaged") else [])
+
+
+@post("/v1/admin/reconciliation/latch/{symbol:str}/release", status_code=200, responses=_RELEASE_RESPONSES,
       security=_SEC, tags=["admin"],
       summary="Release the reconciliation latch of a symbol (approver; `_sys` resumes withdrawals)")
 async def latch_release(request: Request[Any, Any, Any], symbol: str, data: AdminIn) -> Response[Any]:
@@ -187,8 +230,12 @@ async def latch_release(request: Request[Any, Any, Any], symbol: str, data: Admi
     then checks lag 0 (the engine's seq on EVT, read over the edge's JetStream context) and the
     invariants, writes ``LatchRelease`` and sends NORMAL to the core. A refusal is a problem+json with
     the ledger's code (LATCH_NOT_FOUND, LATCH_NOT_ENGAGED, LAG_NOT_ZERO, ...) and a
-    ``LatchReleaseRequested.failed`` entry. Where a second approver is required, the request records
-    this approver's approval; a distinct approver's request with the same ticket completes it."""
+    ``LatchReleaseRequested.failed`` entry.
+
+    Where a second approver is required, the first approver's request records the approval (the
+    ``LatchReleaseRequested`` entry) and answers 202 ``AWAITING_SECOND_APPROVER``; the same approver
+    again is 409 ``APPROVER_ALREADY_APPROVED`` with nothing recorded; a distinct approver's request
+    with the same ticket (within ``APPROVAL_WINDOW_MS``) completes the release (200)."""
     st = edge_state(request)
     ident = await st.authenticate_operator(request, "approver")
     if symbol != SYS_STREAM:
@@ -208,8 +255,17 @@ async def latch_release(request: Request[Any, Any, Any], symbol: str, data: Admi
     if st.js is None or st.nc is None or not st.nc.is_connected:
         raise SpotexError("ENGINE_UNAVAILABLE", detail="the edge has no JetStream connection: cannot check the lag")
     second = rec.second_approver_required(st.cfg)
-    approvers = [*(await _earlier_approvers(st, symbol, latch.get("engaged_audit_seq"), data.ticket)), ident.actor]
-    approvers = list(dict.fromkeys(approvers))
+    earlier = await _earlier_approvers(st, symbol, latch.get("engaged_audit_seq"), data.ticket)
+    approvers = list(dict.fromkeys([*earlier, ident.actor]))
+    params = {"symbol": symbol, "latched_mode": latch.get("mode"), "second_approver": second}
+    if second and len(approvers) < 2:
+        if ident.actor in earlier:  # a repeat: still one approval, and nothing new in the chain
+            raise SpotexError("APPROVER_ALREADY_APPROVED",
+                              detail=f"{ident.actor} already approved the release of {symbol} on ticket "
+                                     f"{data.ticket.strip()}; a distinct second approver must send it")
+        entry = await audit.append(st.pool, ident, "LatchReleaseRequested", params, data.reason, data.ticket)
+        return json_response({"status": "AWAITING_SECOND_APPROVER", "symbol": symbol, "ticket": data.ticket.strip(),
+                              "approvers": approvers, "auditSeq": entry.seq}, status=202)
     js = st.js
 
     async def act() -> Any:
@@ -219,9 +275,7 @@ async def latch_release(request: Request[Any, Any, Any], symbol: str, data: Admi
             raise SpotexError(res.code, status=res.status, detail=res.detail)
         return res
 
-    entry, res = await _audited(st, ident, "LatchReleaseRequested",
-                                {"symbol": symbol, "latched_mode": latch.get("mode"), "second_approver": second},
-                                data, act)
+    entry, res = await _audited(st, ident, "LatchReleaseRequested", params, data, act)
     if symbol == SYS_STREAM:
         st.withdrawals_halted = False
     elif res.mode_set:
@@ -275,6 +329,7 @@ async def admin_status(request: Request[Any, Any, Any]) -> Response[Any]:
                 got = await fn(st.pool)
                 latches = got.to_dict() if hasattr(got, "to_dict") else got
                 latches = json.loads(json.dumps(latches, default=str))
+                await pending_approvals(st, latches)
             except Exception as exc:
                 latches = {"error": type(exc).__name__}
             break

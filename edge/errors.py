@@ -127,8 +127,12 @@ register("SETTLEMENT_STOPPED", 409, "Settlement stopped",
 register("INVARIANTS_FAILING", 409, "Invariants failing", "A latch releases only while the ledger invariants pass.",
          order_execution=None)
 register("SECOND_APPROVER_REQUIRED", 409, "Second approver required",
-         "The approval is recorded; a distinct second approver must send the same release (same ticket).",
+         "The ledger's release (CLI) was given one approver where a distinct second approver is required. "
+         "The admin API answers a first approval with 202 AWAITING_SECOND_APPROVER instead.",
          order_execution=None)
+register("APPROVER_ALREADY_APPROVED", 409, "Approver already approved",
+         "This approver's approval of the release (same latch, same ticket) is already recorded; a distinct "
+         "second approver must send it. Nothing new is recorded.", order_execution=None)
 register("APPROVER_REQUIRED", 400, "Approver required", "A latch release needs an approver.", order_execution=None)
 register("ENGINE_UNAVAILABLE", 503, "Engine unavailable",
          "The engine's seq (EVT on JetStream) cannot be read, so the lag cannot be checked.", order_execution=None)

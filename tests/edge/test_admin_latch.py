@@ -257,18 +257,47 @@ def test_latch_release_with_a_second_approver(env2: Env) -> None:
     engage_latch_on(env2.st, sym)
     wait_lag_zero(env2.st, sym)
     body = {"reason": "reconciled", "ticket": "INC-50"}
-    b = _problem(env2.admin("approver", "POST", REL.format(sym), body), 409, "SECOND_APPROVER_REQUIRED")
-    assert "second approver" in b["detail"]
-    # The same approver again, or the other one on another ticket: still one approval for INC-50.
-    _problem(env2.admin("approver", "POST", REL.format(sym), body), 409, "SECOND_APPROVER_REQUIRED")
-    _problem(env2.admin("approver2", "POST", REL.format(sym), {**body, "ticket": "INC-51"}), 409,
-             "SECOND_APPROVER_REQUIRED")
-    assert env2.status()["latches"][sym]["engaged"] is True
+    ids = {n: f"op-{_raw_pub(k)[:12]}:{_raw_pub(k)[:16]}" for n, k in env2.keys.items()}  # config keys
+    head = env2.status()["audit"]["seq"]
+    # The first approval: recorded, pending (202), not a failure; visible to the second approver.
+    r = env2.admin("approver", "POST", REL.format(sym), body)
+    assert r.status_code == 202, r.text
+    first = r.json()
+    assert first["status"] == "AWAITING_SECOND_APPROVER" and first["symbol"] == sym and first["ticket"] == "INC-50"
+    assert first["approvers"] == [ids["approver"]] and first["auditSeq"] == head + 1, first
+    tail = env2.audit(3)
+    assert tail[0]["seq"] == first["auditSeq"] and tail[0]["action"] == "LatchReleaseRequested", tail
+    assert tail[0]["params"] == {"symbol": sym, "latched_mode": "CANCEL_ONLY", "second_approver": True}
+    assert tail[0]["actor"] == ids["approver"] and tail[0]["ticket"] == "INC-50" and tail[0]["reason"] == "reconciled"
+    st = env2.status()
+    assert st["audit"]["seq"] == first["auditSeq"], "a first approval writes one entry, no .failed"
+    latch = st["latches"][sym]
+    assert latch["engaged"] is True
+    [pending] = latch["pendingApprovals"]
+    assert pending["actor"] == ids["approver"] and pending["ticket"] == "INC-50"
+    assert pending["auditSeq"] == first["auditSeq"] and pending["reason"] == "reconciled"
+    assert pending["tsMs"] == tail[0]["ts_ms"]
+    # The same approver again: 409 with its own code, nothing recorded.
+    b = _problem(env2.admin("approver", "POST", REL.format(sym), body), 409, "APPROVER_ALREADY_APPROVED")
+    assert "distinct second approver" in b["detail"] and "INC-50" in b["detail"]
+    assert env2.status()["audit"]["seq"] == first["auditSeq"]
+    # The other approver on another ticket: a separate pending approval, not a completion.
+    r = env2.admin("approver2", "POST", REL.format(sym), {**body, "ticket": "INC-51"})
+    assert r.status_code == 202 and r.json()["approvers"] == [ids["approver2"]], r.text
+    st = env2.status()
+    assert st["latches"][sym]["engaged"] is True
+    assert [(p["ticket"], p["actor"]) for p in st["latches"][sym]["pendingApprovals"]] == [
+        ("INC-50", ids["approver"]), ("INC-51", ids["approver2"])]
+    # The distinct second approver on the same ticket completes the release.
     r = env2.admin("approver2", "POST", REL.format(sym), body)
     assert r.status_code == 200, r.text
     out = r.json()
-    want = [_raw_pub(env2.keys[n])[:16] for n in ("approver", "approver2")]
-    assert [a.split(":")[-1] for a in out["approvers"]] == want and out["modeSet"] == "NORMAL"
-    rel = next(e for e in env2.audit(20) if e["seq"] == out["releaseAuditSeq"])
+    assert out["approvers"] == [ids["approver"], ids["approver2"]] and out["modeSet"] == "NORMAL"
+    entries = {e["seq"]: e for e in env2.audit(20)}
+    req, rel = entries[out["auditSeq"]], entries[out["releaseAuditSeq"]]
+    assert req["action"] == "LatchReleaseRequested" and req["actor"] == ids["approver2"] and req["ticket"] == "INC-50"
     assert rel["action"] == "LatchRelease" and rel["params"]["approvers"] == out["approvers"]
-    assert env2.status()["latches"][sym]["engaged"] is False
+    assert not any(e["action"].endswith(".failed") for s, e in entries.items() if s > head), entries
+    st = env2.status()
+    assert st["latches"][sym]["engaged"] is False and st["latches"][sym]["pendingApprovals"] == []
+    assert env2.st.cli("audit", "verify", check=False).returncode == 0
