@@ -39,6 +39,9 @@ _LEVEL_STYLE = {"ok": "green", "warn": "yellow", "throttle T2": "red", "halt T3"
 # Job outcomes (jobs.checks): ok, violation, error, not_available.
 _OUTCOME_STYLE = {"OK": "green", "VIOLATION": "red bold", "FAIL": "red bold", "ERROR": "red bold",
                   "NOT_AVAILABLE": "yellow"}
+# A control's state (cockpit.controls.PendingAction); anything else (PENDING, SENT) is cyan.
+_ACTION_STYLE = {"APPLIED": "green", "REJECTED": "red bold", "UNCONFIRMED": "yellow",
+                 cm.AWAITING_SECOND_APPROVER: "magenta bold"}
 
 
 def dash(v: Any, fmt: str = "{}") -> str:
@@ -427,13 +430,23 @@ class CockpitApp(App[None]):
         for r in self.model.rows():
             throttled = r.throttle_rate is not None
             table.add_row(escape(r.symbol), dash(r.mode), dash(r.best_bid), dash(r.best_ask), dash(r.last),
-                          dash(r.tps, "{:.1f}"), dash(r.seq_rate, "{:.1f}"), dash(r.latch),
+                          dash(r.tps, "{:.1f}"), dash(r.seq_rate, "{:.1f}"),
+                          self._latch_cell(r, styled=False),
                           Text(cm.throttle_text(r.throttle_rate, r.throttle_layer, r.throttle_others),
                                style="yellow bold" if throttled else ""),
                           Text(dash(r.throttle_drops, "{:.1f}"), style="red" if r.throttle_drops else ""),
                           key=r.symbol)
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
+
+    @staticmethod
+    def _latch_cell(r: cm.SymbolRow, styled: bool = True) -> Text:
+        """The latch word, with what a pending release approval awaits (``· awaiting 2nd approver``)."""
+        t = Text(dash(r.latch), style="red bold" if styled and (r.latch or "").startswith("ENGAGED") else "")
+        note = cm.approval_note(r.latch_approvals)
+        if note:
+            t.append(f" · {note}", style=_ACTION_STYLE[cm.AWAITING_SECOND_APPROVER])
+        return t
 
     def _render_ledger(self) -> None:
         table = self.query_one("#ledger-table", DataTable)
@@ -444,7 +457,7 @@ class CockpitApp(App[None]):
             table.add_row(escape(r.symbol), dash(r.settle_lag_seq), dash(r.settle_lag_ms),
                           Text(dash(level), style=_LEVEL_STYLE.get(level or "", "")), dash(r.applied_seq),
                           dash(r.engine_seq), Text(dash(stopped), style="red bold" if stopped == "STOPPED" else ""),
-                          Text(dash(r.latch), style="red bold" if (r.latch or "").startswith("ENGAGED") else ""))
+                          self._latch_cell(r), key=r.symbol)
         snap = self.model.snapshot
         t = self._src_note(snap, "ledger", "admin")
         t.append("\n\nLatest invariant run\n", style="bold")
@@ -457,6 +470,18 @@ class CockpitApp(App[None]):
         ledger = snap.metrics.get("ledger") if snap else None
         corr = ledger.get("ledger_corrections_pending") if ledger is not None else None
         t.append(f"\nCorrections pending: {dash(corr)}\n")
+        pending = self.model.pending_approvals()
+        if pending:
+            t.append("\nLatch releases awaiting a second approver", style="bold")
+            t.append(" (a distinct approver's release with the same ticket completes it)\n", style="dim")
+            for sym, a in pending:
+                t.append(f"  {sym:<10} ", style="bold")
+                t.append(cm.AWAITING_SECOND_APPROVER, style=_ACTION_STYLE[cm.AWAITING_SECOND_APPROVER])
+                t.append(f"  ticket {a.get('ticket', '-')}  approved by {a.get('actor', '-')} at "
+                         f"{cm.approval_time(a)} (audit #{a.get('auditSeq', '-')})")
+                if a.get("reason"):
+                    t.append(f": {a['reason']}", style="dim")
+                t.append("\n")
         self.query_one("#invariants", Static).update(t)
 
     def _render_auth_reasons(self) -> None:
@@ -524,7 +549,7 @@ class CockpitApp(App[None]):
         at = self.query_one("#actions-table", DataTable)
         at.clear()
         for a in reversed(self.actions):
-            at.add_row(str(a.id), escape(a.request.describe()), a.state,
+            at.add_row(str(a.id), escape(a.request.describe()), Text(a.state, style=_ACTION_STYLE.get(a.state, "")),
                        f"#{a.audit_seq}" + (" ✓" if a.audited else "") if a.audit_seq else "-", escape(a.detail))
 
     def _render_playbooks(self) -> None:
@@ -563,7 +588,7 @@ class CockpitApp(App[None]):
             return
         a = self.actions[-1]
         w.display = True
-        style = {"APPLIED": "green", "REJECTED": "red bold", "UNCONFIRMED": "yellow"}.get(a.state, "cyan")
+        style = _ACTION_STYLE.get(a.state, "cyan")
         t = Text(f"action #{a.id} {a.request.describe()}: ")
         t.append(a.state, style=style)
         if a.detail:
@@ -635,9 +660,15 @@ class CockpitApp(App[None]):
         if edge is None or key is None:
             pa.state, pa.detail = "REJECTED", "no edge endpoint or operator key"
         else:
-            accepted, detail, seq = await send(self._client, edge, key, pa.request)
-            pa.detail, pa.audit_seq = detail, seq
-            pa.state = "SENT" if accepted else "REJECTED"
+            res = await send(self._client, edge, key, pa.request)
+            pa.detail, pa.audit_seq = res.detail, res.audit_seq
+            if not res.accepted:
+                pa.state = "REJECTED"
+            elif res.status == "AWAITING_SECOND_APPROVER":  # a recorded, pending step: not a failure
+                pa.state = cm.AWAITING_SECOND_APPROVER
+                self.notify(escape(res.detail), title=f"{pa.request.describe()}: awaiting a second approver")
+            else:
+                pa.state = "SENT"
         self._render_all()
         if pa.state == "REJECTED":
             self.notify(escape(pa.detail), title=f"{pa.request.describe()} refused", severity="error")

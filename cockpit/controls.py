@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 
+from cockpit.model import AWAITING_SECOND_APPROVER, approval_time, latch_approvals
 from cockpit.signing import OperatorKey
 from cockpit.sources import Snapshot
 
 __all__ = ["CONTROLS", "MAX_THROTTLE", "MODES", "THROTTLE_LAYERS", "ControlRequest", "ControlSpec", "PendingAction",
-           "latch_text", "send", "throttle_layers_text"]
+           "SendResult", "latch_text", "send", "throttle_layers_text"]
 
 MODES = ("CANCEL_ONLY", "SOFT_HALT", "HARD_HALT", "NORMAL")
 THROTTLE_LAYERS = ("operator", "policy", "all")  # what ClearSymbolThrottle lifts
@@ -215,6 +216,9 @@ class ControlRequest:
             if isinstance(got, dict) and got.get("engaged"):
                 out.append(f"cause {got.get('cause', '-')}: {got.get('reason', '-')}")
                 out.append("the ledger refuses unless lag is 0 and the invariants pass; then the mode goes NORMAL")
+                for a in latch_approvals(got):
+                    out.append(f"approval pending: {a.get('actor', '-')} on ticket {a.get('ticket', '-')} at "
+                               f"{approval_time(a)}: a distinct approver with the same ticket completes it")
             elif latches is not None:
                 out.append("no engaged latch: the edge will refuse this release")
         elif self.control == "break_glass":
@@ -269,7 +273,9 @@ class PendingAction:
     id: int
     request: ControlRequest
     started: float = field(default_factory=time.time)
-    state: str = "PENDING"  # PENDING -> SENT -> APPLIED | REJECTED | UNCONFIRMED
+    # PENDING -> SENT -> APPLIED | REJECTED | UNCONFIRMED; a latch release's first approval (202) is
+    # PENDING -> AWAITING SECOND APPROVER -> APPLIED (the latch released) | UNCONFIRMED (the approval lapsed).
+    state: str = "PENDING"
     detail: str = ""
     audit_seq: int | None = None
     audited: bool = False
@@ -282,6 +288,9 @@ class PendingAction:
         """Move SENT to APPLIED when the service's state and the audit chain show it."""
         if self.audit_seq is not None and snap.audit is not None:
             self.audited = any(e.get("seq") == self.audit_seq for e in snap.audit if isinstance(e, dict))
+        if self.state == AWAITING_SECOND_APPROVER:
+            self._observe_approval(snap)
+            return
         if self.state != "SENT":
             return
         ok = self.request.confirmed_by(snap, self.audit_seq)
@@ -294,9 +303,33 @@ class PendingAction:
             self.detail = (self.detail + "; " if self.detail else "") + "service state did not confirm in time"
 
 
-async def send(client: httpx.AsyncClient, edge_url: str, key: OperatorKey, req: ControlRequest
-               ) -> tuple[bool, str, int | None]:
-    """POST the signed request; (accepted, detail, audit seq). Never raises for an HTTP refusal."""
+    def _observe_approval(self, snap: Snapshot) -> None:
+        """A recorded approval waits (up to the edge's 1 h window) for a distinct second approver: the
+        latch released means done; our approval gone from the latch's pending list means it lapsed."""
+        latches = snap.admin.get("latches") if snap.admin is not None else None
+        latch = latches.get(self.request.symbol) if isinstance(latches, dict) else None
+        if not isinstance(latch, dict):
+            return  # cannot tell: keep waiting
+        if latch.get("engaged") is False:
+            self.state = "APPLIED"
+            self.detail = (self.detail + "; " if self.detail else "") + "latch released"
+        elif "pendingApprovals" in latch and not any(a.get("auditSeq") == self.audit_seq
+                                                     for a in latch_approvals(latch)):
+            self.state = "UNCONFIRMED"
+            self.detail = (self.detail + "; " if self.detail else "") + \
+                "the approval is no longer pending (older than 1 h, or the latch engaged again)"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    accepted: bool
+    detail: str
+    audit_seq: int | None
+    status: str | None = None  # the body's "status" (AWAITING_SECOND_APPROVER for a 202 first approval)
+
+
+async def send(client: httpx.AsyncClient, edge_url: str, key: OperatorKey, req: ControlRequest) -> SendResult:
+    """POST the signed request. Never raises for an HTTP refusal."""
     path, payload = req.http()
     body = json.dumps(payload, separators=(",", ":")).encode()
     headers = {**key.headers("POST", path, body), "Content-Type": "application/json"}
@@ -305,7 +338,7 @@ async def send(client: httpx.AsyncClient, edge_url: str, key: OperatorKey, req: 
     try:
         r = await client.post(edge_url + path, content=body, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
-        return False, f"not sent: {type(exc).__name__} {exc}".strip(), None
+        return SendResult(False, f"not sent: {type(exc).__name__} {exc}".strip(), None)
     try:
         data = r.json()
     except ValueError:
@@ -313,7 +346,14 @@ async def send(client: httpx.AsyncClient, edge_url: str, key: OperatorKey, req: 
     if r.status_code >= 400:
         code = data.get("code") if isinstance(data, dict) else None
         detail = data.get("detail") if isinstance(data, dict) else None
-        return False, f"{r.status_code} {code or ''} {detail or r.reason_phrase}".strip(), None
+        return SendResult(False, f"{r.status_code} {code or ''} {detail or r.reason_phrase}".strip(), None)
     seq = data.get("auditSeq", data.get("audit_seq")) if isinstance(data, dict) else None
-    summary = ", ".join(f"{k}={v}" for k, v in data.items() if k != "auditSeq") if isinstance(data, dict) else ""
-    return True, summary, int(seq) if isinstance(seq, int) else None
+    status = data.get("status") if isinstance(data, dict) and r.status_code == 202 else None
+    if status == "AWAITING_SECOND_APPROVER":
+        approvers = data.get("approvers") or []
+        summary = (f"202 approval recorded ({', '.join(map(str, approvers))}, ticket {data.get('ticket')}); "
+                   "a distinct approver must send the same release")
+    else:
+        summary = ", ".join(f"{k}={v}" for k, v in data.items() if k != "auditSeq") if isinstance(data, dict) else ""
+    return SendResult(True, summary, int(seq) if isinstance(seq, int) else None,
+                      str(status) if isinstance(status, str) else None)

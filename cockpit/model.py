@@ -4,6 +4,7 @@ tiles (value, threshold colour, history for the sparkline) and the per-symbol ro
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ from typing import Any
 from cockpit.metrics import Metrics, histogram_quantile, rate
 from cockpit.sources import Snapshot, SourceState
 
-__all__ = ["DASHBOARDS", "RECON_LEVELS", "TILES", "Model", "SymbolRow", "TileSpec", "command_rate", "fmt_value",
-           "level", "throttle_drop_rate", "throttle_of", "throttle_text"]
+__all__ = ["AWAITING_SECOND_APPROVER", "DASHBOARDS", "RECON_LEVELS", "TILES", "Model", "SymbolRow", "TileSpec",
+           "approval_note", "approval_time", "command_rate", "fmt_value", "latch_approvals", "level",
+           "throttle_drop_rate", "throttle_of", "throttle_text"]
 
 RECON_LEVELS = {0: "ok", 1: "warn", 2: "throttle T2", 3: "halt T3"}  # ledger_reconciliation_level
 
@@ -192,6 +194,9 @@ class SymbolRow:
     tps: Value = None
     seq_rate: Value = None
     latch: str | None = None
+    # Approvals of a latch release recorded and awaiting a distinct second approver (admin status
+    # ``latches.<symbol>.pendingApprovals``): each {"actor", "ticket", "auditSeq", "tsMs", "reason"}.
+    latch_approvals: tuple[dict[str, Any], ...] = ()
     settle_lag_seq: Value = None
     settle_lag_ms: Value = None
     recon_level: Value = None
@@ -279,6 +284,33 @@ def command_rate(snap: Snapshot, symbol: str) -> Value:
     return rate(total(m), total(prev), dt)
 
 
+AWAITING_SECOND_APPROVER = "AWAITING SECOND APPROVER"
+
+
+def latch_approvals(latch: Any) -> tuple[dict[str, Any], ...]:
+    """The pending approvals of an engaged latch row of admin status (oldest first); () when none."""
+    got = latch.get("pendingApprovals") if isinstance(latch, dict) and latch.get("engaged") else None
+    return tuple(a for a in got if isinstance(a, dict)) if isinstance(got, list) else ()
+
+
+def approval_note(approvals: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> str:
+    """What a latch's pending approvals await: ``awaiting 2nd approver`` while every ticket has one
+    approver; ``2 approvals: retry release`` once a ticket has two (the release was refused after,
+    e.g. LAG_NOT_ZERO); empty when none."""
+    per_ticket: dict[str, set[str]] = {}
+    for a in approvals:
+        per_ticket.setdefault(str(a.get("ticket")), set()).add(str(a.get("actor")))
+    if not per_ticket:
+        return ""
+    most = max(len(v) for v in per_ticket.values())
+    return "awaiting 2nd approver" if most < 2 else f"{most} approvals: retry release"
+
+
+def approval_time(a: dict[str, Any]) -> str:
+    ts = a.get("tsMs")
+    return time.strftime("%H:%M:%S UTC", time.gmtime(ts / 1000)) if isinstance(ts, int) else "-"
+
+
 def _latch_of(admin: dict[str, Any] | None, ledger: Metrics | None, symbol: str) -> str | None:
     latches = admin.get("latches") if admin else None
     if isinstance(latches, dict):
@@ -350,6 +382,8 @@ class Model:
                 r.tps = rate(core.get("core_trades_total", symbol=sym), pcore.get("core_trades_total", symbol=sym), dt)
                 r.seq_rate = rate(core.get("core_stream_seq", stream=sym), pcore.get("core_stream_seq", stream=sym), dt)
             r.latch = _latch_of(snap.admin, ledger, sym)
+            latches = snap.admin.get("latches") if snap.admin else None
+            r.latch_approvals = latch_approvals(latches.get(sym)) if isinstance(latches, dict) else ()
             if ledger is not None:
                 r.settle_lag_seq = ledger.get("ledger_settlement_lag_seq", stream=sym)
                 r.settle_lag_ms = ledger.get("ledger_settlement_lag_ms_last", stream=sym)
@@ -395,6 +429,14 @@ class Model:
         if not isinstance(latches, dict):
             return []
         return sorted(s for s, v in latches.items() if isinstance(v, dict) and v.get("engaged"))
+
+    def pending_approvals(self) -> list[tuple[str, dict[str, Any]]]:
+        """(stream, approval) of every engaged latch's pending approvals, ``_sys`` included, oldest first."""
+        latches = self.snapshot.admin.get("latches") if self.snapshot and self.snapshot.admin else None
+        if not isinstance(latches, dict):
+            return []
+        out = [(str(s), a) for s, v in latches.items() for a in latch_approvals(v)]
+        return sorted(out, key=lambda x: (int(x[1].get("auditSeq") or 0), x[0]))
 
     def job_rows(self, configured: dict[str, str]) -> list[tuple[str, str | None, str | None, str | None,
                                                                  str | None, str | None]]:

@@ -245,3 +245,83 @@ async def test_lag_playbook_offers_the_throttle_controls() -> None:
             await pilot.click("#cancel")
             await pilot.pause()
             assert not isinstance(app.screen, ControlScreen)
+
+
+# The first approval of ETH-USDT's latch release, recorded by the edge (202) and awaiting a second approver.
+BOB = "bob:fedcba9876543210"
+APPROVAL = {"actor": BOB, "ticket": "INC-45", "auditSeq": 4, "tsMs": int(AT * 1000) - 20_000,
+            "reason": "lag back to 0"}
+
+
+def _awaiting_snapshot() -> Snapshot:
+    snap = _snapshot(SourceState.LIVE)
+    assert snap.admin is not None
+    snap.admin["latches"]["ETH-USDT"]["pendingApprovals"] = [APPROVAL]
+    return snap
+
+
+def _awaiting_action() -> Any:
+    from cockpit.controls import ControlRequest, PendingAction
+    from cockpit.model import AWAITING_SECOND_APPROVER
+
+    return PendingAction(1, ControlRequest("latch_release", "ETH-USDT", None, "lag back to 0", "INC-45"),
+                         started=AT, state=AWAITING_SECOND_APPROVER, audit_seq=4,
+                         detail=f"202 approval recorded ({BOB}, ticket INC-45); a distinct approver must send the "
+                                "same release")
+
+
+def test_ledger_pending_approval_snapshot(snap_compare: Any) -> None:
+    """Ledger screen with ETH-USDT's latch release approved once: the latch cell says what it awaits, the
+    pending approval is listed (who, ticket, when, audit entry), and the last action reads AWAITING
+    SECOND APPROVER (magenta, a pending state), not REJECTED."""
+    app = CockpitApp(StaticPoller(_awaiting_snapshot()), poll_interval=0, jobs=CONFIG_JOBS)
+
+    async def fill(pilot: Pilot[None]) -> None:
+        await pilot.pause()
+        app.actions.append(_awaiting_action())
+        app._render_all()
+        await pilot.pause()
+
+    assert snap_compare(app, press=["3"], run_before=fill, terminal_size=(150, 34))
+
+
+def test_awaiting_second_approver_state_mapping() -> None:
+    """A first approval stays AWAITING SECOND APPROVER (not done, never REJECTED or timed out) while
+    the latch is engaged and the approval is pending; APPLIED once the latch is released;
+    UNCONFIRMED once the approval is no longer pending on an engaged latch."""
+    from cockpit.model import AWAITING_SECOND_APPROVER, Model, approval_note
+
+    pa = _awaiting_action()
+    snap = _awaiting_snapshot()
+    snap.at = AT + 3600  # far beyond the 20 s a SENT control waits for confirmation
+    pa.observe(snap)
+    assert pa.state == AWAITING_SECOND_APPROVER and not pa.done
+    m = Model()
+    m.update(snap)
+    row = next(r for r in m.rows() if r.symbol == "ETH-USDT")
+    assert row.latch == "ENGAGED CANCEL_ONLY" and row.latch_approvals == (APPROVAL,)
+    assert approval_note(row.latch_approvals) == "awaiting 2nd approver"
+    assert next(r for r in m.rows() if r.symbol == "BTC-USDT").latch_approvals == ()
+    assert m.pending_approvals() == [("ETH-USDT", APPROVAL)]
+    # Two approvers on one ticket whose release was then refused (e.g. LAG_NOT_ZERO): a retry completes it.
+    assert approval_note([APPROVAL, {**APPROVAL, "actor": "carol:0011", "auditSeq": 5}]) == "2 approvals: retry release"
+    # The admin source lost: cannot tell, keep waiting.
+    lost = _awaiting_snapshot()
+    lost.admin = None
+    pa.observe(lost)
+    assert pa.state == AWAITING_SECOND_APPROVER
+    # The approval gone from an engaged latch (older than the edge's window, or a new engagement).
+    lapsed = _awaiting_snapshot()
+    assert lapsed.admin is not None
+    lapsed.admin["latches"]["ETH-USDT"]["pendingApprovals"] = []
+    gone = _awaiting_action()
+    gone.observe(lapsed)
+    assert gone.state == "UNCONFIRMED" and "no longer pending" in gone.detail
+    # The second approver released it.
+    released = _awaiting_snapshot()
+    assert released.admin is not None
+    released.admin["latches"]["ETH-USDT"].update(engaged=False, pendingApprovals=[])
+    pa.observe(released)
+    assert pa.state == "APPLIED" and pa.done and "latch released" in pa.detail
+    m.update(released)
+    assert m.pending_approvals() == [] and next(r for r in m.rows() if r.symbol == "ETH-USDT").latch == "released"
