@@ -221,7 +221,7 @@ async def split_brain(d: Drill, commands: int = 4000, rate: float = 800.0, seed:
                 s = await service_status(comp.get("endpoint", ""))
                 return bool(s and s.get("role") == "standby")
 
-            await _wait(back, 60, f"{old} to come back as a standby")
+            await _wait(back, 120, f"{old} to come back as a standby")  # a restart recovers + catches up
             refused = _count_fencing(log_path, log_offset)
             fencing += refused
             runs.append({"old_leader": old, "new_leader": other, "old_token": st.get("fencing_token"),

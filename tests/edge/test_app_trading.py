@@ -230,7 +230,10 @@ def test_python_binance(env: Env) -> None:
                             price="39000.00")
     assert s["status"] == "FILLED" and s["executedQty"] == "0.00400" and len(s["fills"]) == 1
     trade_id = s["fills"][0]["tradeId"]
-    last = c.get_recent_trades(symbol="BTCUSDT")[-1]
+    # Market data is a projection of EVT (its own subscription): it may trail the order's answer.
+    deadline = time.monotonic() + 10
+    while (last := c.get_recent_trades(symbol="BTCUSDT")[-1])["id"] != trade_id and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert last["id"] == trade_id and last["price"] == "39000.00" and last["qty"] == "0.00400"
     assert last["isBuyerMaker"] is True
     kline = c.get_klines(symbol="BTCUSDT", interval="1m")[-1]
