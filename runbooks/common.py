@@ -24,7 +24,7 @@ from spotex.paths import DataDir
 from spotex.supervisor import Endpoints, resolve_endpoints
 
 __all__ = ["Drill", "LoadResult", "drill_stack", "journal_commands", "publish_load", "service_status",
-           "stream_messages"]
+           "stream_messages", "wait_until"]
 
 
 def _cli(data_dir: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -200,3 +200,17 @@ async def service_status(url: str) -> dict[str, Any] | None:
     except httpx.HTTPError:
         return None
     return None
+
+
+async def wait_until(pred: Any, timeout: float, what: str | None = None, every: float = 0.25) -> Any:
+    """Poll the async ``pred`` until it returns something truthy (returned). At the timeout: raise
+    ``RuntimeError("timed out waiting for <what>")``, or return None when ``what`` is None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = await pred()
+        if v:
+            return v
+        await asyncio.sleep(every)
+    if what is None:
+        return None
+    raise RuntimeError(f"timed out waiting for {what}")

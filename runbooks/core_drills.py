@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runbooks.common import Drill, journal_commands, publish_load, service_status, stream_messages
+from runbooks.common import Drill, journal_commands, publish_load, service_status, stream_messages, wait_until
 
 __all__ = ["core_kill_recover", "split_brain"]
 
@@ -50,13 +50,7 @@ async def _leader(d: Drill, timeout: float = 30) -> tuple[str, dict[str, Any]]:
 
 
 async def _wait(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = await pred()
-        if v:
-            return v
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
+    return await wait_until(pred, timeout, what, every=0.2)
 
 
 def _exactly_once(acked: list[str], journal: list[Any]) -> tuple[int, int]:

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runbooks.common import Drill, journal_commands, publish_load, service_status
+from runbooks.common import Drill, journal_commands, publish_load, service_status, wait_until
 
 __all__ = ["dr_rehearsal"]
 
@@ -53,16 +53,6 @@ LEDGER_TABLES = ("ledger_journal", "ledger_postings", "ledger_trades", "ledger_a
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
-
-
-async def _wait(pred: Any, timeout: float, what: str, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = await pred()
-        if v:
-            return v
-        await asyncio.sleep(every)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 async def _nodes(d: Drill) -> dict[str, dict[str, Any]]:
@@ -105,7 +95,7 @@ async def _quiesce(d: Drill, js: Any, pool: Any, timeout: float = 120) -> dict[s
         prev = p if settled else None
         return p if same else None
 
-    return dict(await _wait(still, timeout, "the stack to quiesce (core at the journal's end, ledger caught up)",
+    return dict(await wait_until(still, timeout, "the stack to quiesce (core at the journal's end, ledger caught up)",
                             every=1.0))
 
 
@@ -193,7 +183,7 @@ class _RestoredPostgres:
                                    f"(see {self.root / 'postgres.log'})")
             return await check_postgres(self.admin_dsn) is None
 
-        await _wait(up, 60, "the restored PostgreSQL to accept connections")
+        await wait_until(up, 60, "the restored PostgreSQL to accept connections")
 
     @property
     def admin_dsn(self) -> str:
@@ -279,7 +269,7 @@ async def _rehearse(d: Drill, report: dict[str, Any], failures: list[str], scrat
         c = d.component("ledger")
         return await service_status(c["endpoint"]) if c.get("endpoint") and c.get("pid") else None
 
-    await _wait(ledger_ready, 60, "the ledger service")
+    await wait_until(ledger_ready, 60, "the ledger service")
     nc = await nats.connect(ep.nats_url)
     js = nc.jetstream()
     pool = await asyncpg.create_pool(ep.pg_dsn, min_size=1, max_size=2)

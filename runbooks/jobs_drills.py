@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from runbooks.common import Drill
+from runbooks.common import Drill, wait_until
 
 __all__ = ["budget_failure", "game_day_anomaly", "lag_spike"]
 
@@ -185,13 +185,7 @@ async def budget_failure(d: Drill) -> bool:
 
 
 async def _until(pred: Any, timeout: float, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await pred()
-        if got:
-            return got
-        await asyncio.sleep(every)
-    return None
+    return await wait_until(pred, timeout, None, every)
 
 
 class _Trader:

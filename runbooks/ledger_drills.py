@@ -33,19 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runbooks.common import Drill, publish_load, service_status
+from runbooks.common import Drill, publish_load, service_status, wait_until
 
 __all__ = ["exactly_once_million", "ledger_kill_recover"]
-
-
-async def _wait(pred: Any, timeout: float, what: str, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = await pred()
-        if v:
-            return v
-        await asyncio.sleep(every)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 async def _evt_trades(js: Any, evt_stream: str) -> tuple[set[tuple[str, int]], dict[str, int], int]:
@@ -123,7 +113,7 @@ async def ledger_kill_recover(d: Drill, commands: int = 3000, rate: float = 600.
         c = d.component("ledger")
         return await service_status(c["endpoint"]) if c.get("endpoint") and c.get("pid") else None
 
-    await _wait(ledger_ready, 60, "the ledger service")
+    await wait_until(ledger_ready, 60, "the ledger service")
     cmds = generate(seed, commands)
     load = asyncio.create_task(publish_load(ep.nats_url, cmds, rate, f"ledger-kill-{int(time.time())}"))
     killed: list[dict[str, Any]] = []
@@ -140,7 +130,7 @@ async def ledger_kill_recover(d: Drill, commands: int = 3000, rate: float = 600.
             c = d.component("ledger")
             return int(c.get("restarts", 0)) > r0 and bool(c.get("pid")) and await ledger_ready() is not None
 
-        await _wait(restarted, 60, "the supervisor to restart the ledger")
+        await wait_until(restarted, 60, "the supervisor to restart the ledger")
         killed[-1]["restarted_after_s"] = round(time.time() - killed[-1]["at"], 2)
         killed[-1]["status_after_restart"] = await ledger_ready()  # its lag shows trades kept flowing
     result = await load
@@ -153,7 +143,7 @@ async def ledger_kill_recover(d: Drill, commands: int = 3000, rate: float = 600.
             have = (await _book_counts(pool))["applied"]
             return bool(eng) and all(have.get(s, 0) >= v for s, v in eng.items())
 
-        await _wait(caught_up, 120, "the ledger to catch up with EVT")
+        await wait_until(caught_up, 120, "the ledger to catch up with EVT")
         evt_trades, _last, evt_twice = await _evt_trades(js, d.cfg.nats.evt_stream)
         counts = await _book_counts(pool)
         async with pool.acquire() as c:
@@ -283,7 +273,7 @@ async def _run_million(out: Path, nats_url: str, dsn: str, trades: int, kills: i
             # A small run may settle everything before all its kills: the rest then land at the end.
             return at >= p or (publisher.done() and at >= sum(feed.seqs.values()))
 
-        await _wait(reached, max(300.0, trades / 500), f"settled events >= {point}", every=0.02)
+        await wait_until(reached, max(300.0, trades / 500), f"settled events >= {point}", every=0.02)
         await asyncio.sleep(rng.uniform(0, 0.3))  # somewhere inside a batch, not on a boundary
         at = await settled()
         pid = ledger.kill9()
@@ -312,7 +302,7 @@ async def _run_million(out: Path, nats_url: str, dsn: str, trades: int, kills: i
                 "SELECT stream, last_seq FROM ledger_consumer_checkpoint")}
         return all(have.get(s, 0) >= v for s, v in expected.items())
 
-    await _wait(done, max(300.0, trades / 300), "the ledger to settle everything")
+    await wait_until(done, max(300.0, trades / 300), "the ledger to settle everything")
     drain_s = time.perf_counter() - t0
 
     # The origin's variant: one trade delivered many times at once.
@@ -328,7 +318,7 @@ async def _run_million(out: Path, nats_url: str, dsn: str, trades: int, kills: i
     results = await asyncio.gather(*futs, *(direct[k % 16].settle([dup_delivery]) for k in range(dup_deliveries)))
     outs: list[Any] = list(results[dup_deliveries:])
     expected[dup.symbol] = dup.seq
-    await _wait(done, 120, "the duplicated trade to be settled")
+    await wait_until(done, 120, "the duplicated trade to be settled")
     await asyncio.sleep(1.0)  # let the consumer chew through every copy
     ledger.stop()
 
