@@ -109,16 +109,19 @@ class EdgeState:
         c = request.client
         return c.host if c is not None else "unknown"
 
-    async def authenticate(self, request: Request[Any, Any, Any], scope: str) -> Principal:
-        """Verify the native signed headers, charge the rate limits, record the RateLimit headers."""
-        assert self.verifier is not None and self.limiter is not None
+    async def signed_parts(self, request: Request[Any, Any, Any]) -> tuple[str, bytes, str]:
+        """(client ip, raw body, signed target) of a signed request, after refusing a blocked IP."""
+        assert self.limiter is not None
         ip = self.client_ip(request)
         blocked = self.limiter.ip_blocked(ip)
         if blocked is not None:
             blocked.raise_if_denied()
-        body = await request.body()
-        pwq = path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
-                              request.scope.get("query_string", b""))
+        return ip, await request.body(), _target(request)
+
+    async def authenticate(self, request: Request[Any, Any, Any], scope: str) -> Principal:
+        """Verify the native signed headers, charge the rate limits, record the RateLimit headers."""
+        assert self.verifier is not None and self.limiter is not None
+        ip, body, pwq = await self.signed_parts(request)
         h = request.headers
         try:
             p = await self.verifier.verify(api_key=h.get("x-api-key"), ts=h.get("x-ts"),
@@ -135,13 +138,7 @@ class EdgeState:
 
     async def authenticate_operator(self, request: Request[Any, Any, Any], role: str) -> OperatorIdentity:
         assert self.op_verifier is not None and self.limiter is not None
-        ip = self.client_ip(request)
-        blocked = self.limiter.ip_blocked(ip)
-        if blocked is not None:
-            blocked.raise_if_denied()
-        body = await request.body()
-        pwq = path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
-                              request.scope.get("query_string", b""))
+        ip, body, pwq = await self.signed_parts(request)
         h = request.headers
         try:
             return await self.op_verifier.verify_operator_request(
@@ -182,8 +179,7 @@ class EdgeState:
             resp = await run()
         else:
             body = await request.body()
-            pwq = path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
-                                  request.scope.get("query_string", b""))
+            pwq = _target(request)
             fp = fingerprint(request.method, pwq, body, principal.api_key)
             resp = await idem_run(self.idem, principal.api_key, key, fp, run)
         headers = dict(resp.headers)
@@ -268,6 +264,12 @@ def _set_rl(request: Request[Any, Any, Any], headers: dict[str, str]) -> None:
     if st is None:
         st = request.scope["state"] = {}
     st["rl_headers"] = headers
+
+
+def _target(request: Request[Any, Any, Any]) -> str:
+    """The request target as the client signed it: raw path (not percent-decoded) and query."""
+    return path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
+                           request.scope.get("query_string", b""))
 
 
 def edge_state(request: Request[Any, Any, Any]) -> EdgeState:

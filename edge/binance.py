@@ -90,11 +90,7 @@ def _market(st: EdgeState, sym: str | None) -> MarketConfig:
 
 async def _signed(st: EdgeState, request: Request[Any, Any, Any], scope: str) -> tuple[Any, _Params]:
     assert st.verifier is not None and st.limiter is not None
-    ip = st.client_ip(request)
-    blocked = st.limiter.ip_blocked(ip)
-    if blocked is not None:
-        blocked.raise_if_denied()
-    body = await request.body()
+    ip, body, _ = await st.signed_parts(request)
     params = _Params(request, body)
     try:
         p = await st.verifier.verify_binance(request.headers.get("x-mbx-apikey"), params.qs, body,

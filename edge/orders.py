@@ -39,10 +39,11 @@ from core.wire import (
     ticks_to_price,
 )
 from edge.app import EdgeState, edge_state, json_response
+from edge.auth import Principal
 from edge.core_client import CommandResult, Fill, correlation_for
 from edge.errors import PROBLEM_CONTENT_TYPE, SpotexError, order_rejected
 from edge.fills import FillQuery, fills_history
-from edge.idempotency import StoredResponse
+from edge.idempotency import StoredResponse, validate_key
 
 __all__ = [
     "ROUTES",
@@ -342,6 +343,16 @@ def _stored(data: Any, status: int = 200) -> StoredResponse:
     return StoredResponse(status, msgspec.json.encode(data), {"content-type": "application/json"})
 
 
+async def _trade_call(request: Request[Any, Any, Any], idempotency_key: str | None
+                      ) -> tuple[EdgeState, Principal, str | None, str]:
+    """The opening of every order call: authenticate with the trade scope, validate the
+    Idempotency-Key, derive the command's correlation id (its ``Nats-Msg-Id``)."""
+    st = edge_state(request)
+    p = await st.authenticate(request, "trade")
+    key = validate_key(idempotency_key)
+    return st, p, key, correlation_for(p.api_key, key)
+
+
 # --- routes ---------------------------------------------------------------------------------------
 
 _SEC: list[dict[str, list[str]]] = [{"apiKey": []}]
@@ -354,12 +365,7 @@ _IDEM = Parameter(header="Idempotency-Key", required=False,
       summary="Place an order")
 async def post_order(request: Request[Any, Any, Any], data: PlaceOrderIn,
                      idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st = edge_state(request)
-    p = await st.authenticate(request, "trade")
-    from edge.idempotency import validate_key
-
-    key = validate_key(idempotency_key)
-    corr = correlation_for(p.api_key, key)
+    st, p, key, corr = await _trade_call(request, idempotency_key)
 
     async def handler() -> StoredResponse:
         return _stored(await place_order(st, p.account_id, data, corr), 201)
@@ -388,12 +394,7 @@ async def get_order_by_coid(request: Request[Any, Any, Any], client_order_id: st
         summary="Cancel an order")
 async def delete_order(request: Request[Any, Any, Any], order_id: int,
                        idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st = edge_state(request)
-    p = await st.authenticate(request, "trade")
-    from edge.idempotency import validate_key
-
-    key = validate_key(idempotency_key)
-    corr = correlation_for(p.api_key, key)
+    st, p, key, corr = await _trade_call(request, idempotency_key)
 
     async def handler() -> StoredResponse:
         v = await find_order(st, p.account_id, order_id=order_id)
@@ -406,12 +407,7 @@ async def delete_order(request: Request[Any, Any, Any], order_id: int,
         tags=["orders"], summary="Cancel an order by client order id")
 async def delete_order_by_coid(request: Request[Any, Any, Any], client_order_id: str,
                                idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st = edge_state(request)
-    p = await st.authenticate(request, "trade")
-    from edge.idempotency import validate_key
-
-    key = validate_key(idempotency_key)
-    corr = correlation_for(p.api_key, key)
+    st, p, key, corr = await _trade_call(request, idempotency_key)
 
     async def handler() -> StoredResponse:
         v = await find_order(st, p.account_id, client_order_id=client_order_id)
@@ -424,12 +420,7 @@ async def delete_order_by_coid(request: Request[Any, Any, Any], client_order_id:
        summary="Amend an order (quantity and/or price)")
 async def amend_order(request: Request[Any, Any, Any], order_id: int, data: AmendIn,
                       idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st = edge_state(request)
-    p = await st.authenticate(request, "trade")
-    from edge.idempotency import validate_key
-
-    key = validate_key(idempotency_key)
-    corr = correlation_for(p.api_key, key)
+    st, p, key, corr = await _trade_call(request, idempotency_key)
 
     async def handler() -> StoredResponse:
         assert st.core is not None
@@ -459,12 +450,7 @@ async def amend_order(request: Request[Any, Any, Any], order_id: int, data: Amen
         summary="Cancel all open orders of the account (optionally one symbol)")
 async def cancel_all(request: Request[Any, Any, Any], symbol: Annotated[str | None, Parameter(query="symbol")] = None,
                      idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[CancelAllOut]:
-    st = edge_state(request)
-    p = await st.authenticate(request, "trade")
-    from edge.idempotency import validate_key
-
-    key = validate_key(idempotency_key)
-    corr = correlation_for(p.api_key, key)
+    st, p, key, corr = await _trade_call(request, idempotency_key)
     if symbol is not None:
         _market(st, symbol)
 
