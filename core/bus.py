@@ -35,6 +35,10 @@ import msgspec
 __all__ = [
     "CMD_PREFIX",
     "EVT_PREFIX",
+    "H_FIRST",
+    "H_LAST",
+    "H_NODE",
+    "H_TOKEN",
     "LEASE_BUCKET",
     "SYS_STREAM",
     "THROTTLE_BUCKET",
@@ -43,6 +47,7 @@ __all__ = [
     "cmd_subject",
     "decode_setting",
     "ensure_streams",
+    "evt_last_seqs",
     "evt_subject",
     "read_settings",
     "throttle_bucket",
@@ -53,6 +58,8 @@ CMD_PREFIX = "cmd"
 EVT_PREFIX = "evt"
 SYS_STREAM = "_sys"
 LEASE_BUCKET = "core_lease"
+# Headers of every SEQ and EVT message the core publishes: the seqs it carries, the writer's token.
+H_FIRST, H_LAST, H_TOKEN, H_NODE = "Spotex-First-Seq", "Spotex-Last-Seq", "Spotex-Fencing-Token", "Spotex-Node"
 THROTTLE_BUCKET = "symbol_throttle"
 ThrottleLayer = Literal["operator", "policy"]
 THROTTLE_LAYERS: tuple[ThrottleLayer, ...] = ("operator", "policy")
@@ -64,6 +71,22 @@ def cmd_subject(symbol: str | None) -> str:
 
 def evt_subject(stream: str) -> str:
     return f"{EVT_PREFIX}.{stream}"
+
+
+async def evt_last_seqs(js: Any, evt_stream: str = "EVT", prefix: str = EVT_PREFIX) -> dict[str, int]:
+    """Stream -> the engine's last published seq (``Spotex-Last-Seq`` of the subject's last message)."""
+    from nats.js.errors import NotFoundError
+
+    info = await js.stream_info(evt_stream, subjects_filter=f"{prefix}.>")
+    out: dict[str, int] = {}
+    plen = len(prefix) + 1
+    for subject in sorted(info.state.subjects or {}):
+        try:
+            msg = await js.get_last_msg(evt_stream, subject)
+        except NotFoundError:
+            continue
+        out[subject[plen:]] = int((msg.headers or {}).get(H_LAST, 0))
+    return out
 
 
 async def ensure_streams(

@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
-from core.bus import LEASE_BUCKET, SYS_STREAM, ensure_streams, evt_subject
+from core.bus import H_FIRST, H_LAST, H_NODE, H_TOKEN, LEASE_BUCKET, SYS_STREAM, ensure_streams, evt_subject
 from core.engine import Engine
 from core.lease import Lease, LeaseLost
 from core.recovery import (
@@ -68,7 +68,6 @@ log = logging.getLogger("core.node")
 
 JOURNAL_STREAM = "SEQ"
 JOURNAL_SUBJECT = "seq.journal"
-H_FIRST, H_LAST, H_TOKEN, H_NODE = "Spotex-First-Seq", "Spotex-Last-Seq", "Spotex-Fencing-Token", "Spotex-Node"
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error: Nats-Expected-Last-Subject-Sequence mismatch
 
 M_QUEUE = Gauge("core_queue_depth", "Commands waiting in the CMD consumer")

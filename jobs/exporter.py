@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
+from core.bus import evt_last_seqs
 from core.wire import (
     BookDelta,
     CancelAllDone,
@@ -48,12 +49,11 @@ from core.wire import (
     decode_events,
 )
 
-__all__ = ["Exporter", "ExporterOptions", "epoch_topic", "evt_last_seqs", "record_for", "run", "topic_for",
+__all__ = ["Exporter", "ExporterOptions", "epoch_topic", "record_for", "run", "topic_for",
            "topics"]
 
 log = logging.getLogger("jobs.exporter")
 
-H_FIRST, H_LAST = "Spotex-First-Seq", "Spotex-Last-Seq"
 
 M_PRODUCED = Counter("exporter_records_produced_total", "Records Kafka acknowledged", ["topic"])
 M_ERRORS = Counter("exporter_produce_errors_total", "Records whose produce failed (each is retried)", ["error"])
@@ -128,22 +128,6 @@ def record_for(evt: Event, prefix: str, js_seq: int) -> tuple[str, bytes, bytes,
         ("spotex-js-seq", str(js_seq).encode()),
     ]
     return topic_for(evt, prefix), evt.symbol.encode(), _json.encode(evt), headers
-
-
-async def evt_last_seqs(js: Any, evt_stream: str = "EVT", prefix: str = "evt") -> dict[str, int]:
-    """Stream -> the engine's last published seq (Spotex-Last-Seq of the subject's last message)."""
-    from nats.js.errors import NotFoundError
-
-    info = await js.stream_info(evt_stream, subjects_filter=f"{prefix}.>")
-    out: dict[str, int] = {}
-    plen = len(prefix) + 1
-    for subject in sorted(info.state.subjects or {}):
-        try:
-            msg = await js.get_last_msg(evt_stream, subject)
-        except NotFoundError:
-            continue
-        out[subject[plen:]] = int((msg.headers or {}).get(H_LAST, 0))
-    return out
 
 
 class _Pending:

@@ -31,6 +31,7 @@ import msgspec
 from prometheus_client import Gauge
 
 from core.bus import cmd_subject
+from core.bus import evt_last_seqs as engine_seqs
 from core.wire import SetSymbolMode, SymbolMode, WithdrawalsHalt, encode_request
 from ledger import audit
 from ledger.invariants import run_invariants
@@ -55,7 +56,6 @@ log = logging.getLogger("ledger.reconcile")
 ACTOR = "ledger"
 SYS = "_sys"
 MODE_RANK = {"NORMAL": 0, "CANCEL_ONLY": 1, "SOFT_HALT": 2, "HARD_HALT": 3}
-H_LAST = "Spotex-Last-Seq"
 
 M_LAG_SEQ = Gauge("ledger_settlement_lag_seq", "Engine seq (EVT) minus ledger seq, per stream", ["stream"])
 M_ENGINE_SEQ = Gauge("ledger_engine_seq", "Engine seq per stream as seen on EVT", ["stream"])
@@ -117,22 +117,6 @@ def _latch_cmd(symbol: str, mode: str, reason: str, ticket: str) -> SetSymbolMod
 
 # --------------------------------------------------------------------------------------------------
 # Engine and ledger positions
-
-
-async def engine_seqs(js: Any, evt_stream: str = "EVT", prefix: str = "evt") -> dict[str, int]:
-    """Stream -> the engine's last published seq (the Spotex-Last-Seq header of its last EVT message)."""
-    from nats.js.errors import NotFoundError
-
-    info = await js.stream_info(evt_stream, subjects_filter=f"{prefix}.>")
-    out: dict[str, int] = {}
-    plen = len(prefix) + 1
-    for subject in sorted(info.state.subjects or {}):
-        try:
-            msg = await js.get_last_msg(evt_stream, subject)
-        except NotFoundError:
-            continue
-        out[subject[plen:]] = int((msg.headers or {}).get(H_LAST, 0))
-    return out
 
 
 async def lag_report(pool: Any, js: Any | None, evt_stream: str = "EVT") -> dict[str, dict[str, Any]]:

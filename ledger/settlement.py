@@ -36,6 +36,7 @@ import asyncpg
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
+from core.bus import H_FIRST, H_LAST
 from core.wire import (
     CUSTODY_ACCOUNT,
     Bucket,
@@ -62,7 +63,6 @@ __all__ = [
 
 log = logging.getLogger("ledger.settlement")
 
-H_FIRST, H_LAST = "Spotex-First-Seq", "Spotex-Last-Seq"
 
 M_APPLIED = Counter("ledger_events_applied_total", "Events applied (posted or recorded) per stream", ["stream"])
 M_JOURNAL = Counter("ledger_journal_transactions_total", "Journal transactions posted by settlement")

@@ -255,8 +255,8 @@ async def _jetstream(nats_url: str, summary: dict[str, Any]) -> dict[str, Any]:
     import nats
     from nats.js.errors import NotFoundError
 
-    from core.bus import evt_subject
-    from core.node import H_LAST, JOURNAL_STREAM, JOURNAL_SUBJECT
+    from core.bus import H_LAST, evt_subject
+    from core.node import JOURNAL_STREAM, JOURNAL_SUBJECT
 
     async def quiet(exc: Exception) -> None:  # the failure is reported once, by the caller
         return None
