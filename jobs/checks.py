@@ -179,17 +179,25 @@ async def _lag_and_latches(ctx: JobContext) -> tuple[dict[str, Any], dict[str, A
     return lag, latches
 
 
-async def check_reconciliation(ctx: JobContext) -> JobResult:
+async def _lag_and_latches_or_why_not(ctx: JobContext) -> tuple[dict[str, Any], dict[str, Any]] | JobResult:
+    """(lag report, latch states) from the ledger, or the not-available result saying why not."""
     if ctx.pool is None:
         return _not_available("no PostgreSQL connection")
     try:
-        lag, latches = await _lag_and_latches(ctx)
+        return await _lag_and_latches(ctx)
     except ImportError as exc:
         return _not_available("ledger.reconcile not available", exc)
     except Exception as exc:
         if _missing_table(exc):
             return _not_available("ledger tables not migrated", exc)
         raise
+
+
+async def check_reconciliation(ctx: JobContext) -> JobResult:
+    got = await _lag_and_latches_or_why_not(ctx)
+    if isinstance(got, JobResult):
+        return got
+    lag, latches = got
     engaged = sorted(s for s, v in latches.items() if v.get("engaged"))
     stopped = sorted(s for s, v in lag.items() if v.get("state") == "stopped")
     out = {"streams": lag, "latches_engaged": engaged, "streams_stopped": stopped,
@@ -342,16 +350,10 @@ async def check_settlement_lag(ctx: JobContext) -> JobResult:
     (hysteresis). Only ever tightens the core's mode; ``_sys`` is reported only (the ledger's latch
     halts withdrawals). Acts independently of the ledger service, so the policy holds even when the
     ledger itself is what stalls."""
-    if ctx.pool is None:
-        return _not_available("no PostgreSQL connection")
-    try:
-        lag, latches = await _lag_and_latches(ctx)
-    except ImportError as exc:
-        return _not_available("ledger.reconcile not available", exc)
-    except Exception as exc:
-        if _missing_table(exc):
-            return _not_available("ledger tables not migrated", exc)
-        raise
+    got = await _lag_and_latches_or_why_not(ctx)
+    if isinstance(got, JobResult):
+        return got
+    lag, latches = got
     recovered, t2, t3 = lag_policy_thresholds(ctx.cfg)
     rate = lag_throttle_rate(ctx.cfg)
     now_ms = int(ctx.now() * 1000)
