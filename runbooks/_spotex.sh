@@ -4,12 +4,7 @@
 # SPOTEX_DATA_DIR when one is running there, else a fresh one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-spotex="${SPOTEX_BIN:-$root/.venv/bin/spotex}"
-[ -x "$spotex" ] || spotex="$(command -v spotex || true)"
-if [ -z "$spotex" ]; then
-  echo "spotex: not installed; run 'make run' or 'make test' once first" >&2
-  exit 1
-fi
+. "$root/runbooks/_find_spotex.sh"
 name="$1"; shift
 args=(drill "$name" --out "${SPOTEX_RUNBOOK_OUT:-$root/build/runbooks/$name}")
 if [ -n "${SPOTEX_DATA_DIR:-}" ] && "$spotex" status --data-dir "$SPOTEX_DATA_DIR" >/dev/null 2>&1; then

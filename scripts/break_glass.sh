@@ -7,12 +7,7 @@
 # The stack: SPOTEX_DATA_DIR (or --data-dir / --edge-url). Errors: one line on stderr, exit 1.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-spotex="${SPOTEX_BIN:-$root/.venv/bin/spotex}"
-[ -x "$spotex" ] || spotex="$(command -v spotex || true)"
-if [ -z "$spotex" ]; then
-  echo "spotex: not installed; run 'make run' or 'make test' once first" >&2
-  exit 1
-fi
+. "$root/runbooks/_find_spotex.sh"
 if [ $# -lt 1 ]; then
   echo "usage: $0 enable|status|disable [--ttl-sec N] [--actor A] [--reason R] [--ticket T]" >&2
   exit 2

@@ -5,12 +5,7 @@
 # running there, else a private one. Success line: load_smoke_ok=true
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-spotex="${SPOTEX_BIN:-$root/.venv/bin/spotex}"
-[ -x "$spotex" ] || spotex="$(command -v spotex || true)"
-if [ -z "$spotex" ]; then
-  echo "spotex: not installed; run 'make run' or 'make test' once first" >&2
-  exit 1
-fi
+. "$root/runbooks/_find_spotex.sh"
 args=(load smoke --out "${SPOTEX_RUNBOOK_OUT:-$root/build/load}")
 if [ -n "${SPOTEX_DATA_DIR:-}" ] && "$spotex" status --data-dir "$SPOTEX_DATA_DIR" >/dev/null 2>&1; then
   args+=(--data-dir "$SPOTEX_DATA_DIR")

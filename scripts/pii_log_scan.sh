@@ -5,10 +5,5 @@
 # exit 1 on any finding. Evidence: build/security/pii-log-scan.json (override with --out).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-spotex="${SPOTEX_BIN:-$root/.venv/bin/spotex}"
-[ -x "$spotex" ] || spotex="$(command -v spotex || true)"
-if [ -z "$spotex" ]; then
-  echo "spotex: not installed; run 'make run' or 'make test' once first" >&2
-  exit 1
-fi
+. "$root/runbooks/_find_spotex.sh"
 exec "$spotex" logs pii-scan "$@"
