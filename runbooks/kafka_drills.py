@@ -206,7 +206,7 @@ async def _kafka_fault_drill(d: Drill, name: str, fault: str, commands: int, rat
                 await asyncio.sleep(0.5)
             mark("drained", backlog=await _consumer_backlog(js, evt_stream, durable), rewinds=exp.rewinds,
                  confirmed=exp.confirmed_since(healed_at), loss_checks=exp.loss_checks)
-            verify_rep = await verify(ep.nats_url, b.bootstrap, prefix, evt_stream)
+            verify_rep = await verify(ep.nats_url, b.bootstrap, prefix, evt_stream, durable=durable)
             mark("verified", missing=verify_rep["missing"], duplicates=verify_rep["duplicates"])
             exp.stopping.set()
             await task

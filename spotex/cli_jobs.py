@@ -34,9 +34,12 @@ def register(main: click.Group) -> None:
     @stack_options
     @click.option("--bootstrap", default=None, help="Kafka bootstrap (default: the stack's broker).")
     @click.option("--prefix", default=None, help="Topic prefix (default: [kafka] topic_prefix).")
+    @click.option("--durable", default=None,
+                  help="The exporter's consumer: events after its ack floor count as in flight, not missing "
+                       "(default: [kafka] exporter_durable).")
     @click.option("--json", "as_json", is_flag=True)
     def export_verify(data_dir: str | None, config: str | None, bootstrap: str | None, prefix: str | None,
-                      as_json: bool) -> None:
+                      durable: str | None, as_json: bool) -> None:
         """Read the topics back: every EVT event id present, duplicates counted."""
         from jobs.verify_export import verify
 
@@ -58,7 +61,7 @@ def register(main: click.Group) -> None:
         async def go() -> dict[str, Any]:
             before = await exporter_state()
             rep = await verify(ep.nats_url, bootstrap or ep.kafka_bootstrap, prefix or cfg.kafka.topic_prefix,
-                               cfg.nats.evt_stream)
+                               cfg.nats.evt_stream, durable=durable or cfg.kafka.exporter_durable)
             after = await exporter_state()
             # Settled: nothing left to export and no loss check or re-export pending, before and after
             # the read-back. Missing events seen while it is not settled may still be on their way.
@@ -79,7 +82,7 @@ def register(main: click.Group) -> None:
         if as_json:
             click.echo(json.dumps(rep, indent=2, sort_keys=True))
         else:
-            for k in ("evt_events", "kafka_records", "missing", "duplicates", "unexpected"):
+            for k in ("evt_events", "kafka_records", "missing", "in_flight", "duplicates", "unexpected"):
                 click.echo(f"export_{k}={rep[k]}")
             settled = rep["exporter_settled"]
             click.echo(f"export_exporter_settled={'unknown' if settled is None else str(settled).lower()}")
