@@ -23,8 +23,8 @@ from spotex.config import Config, load_config
 from spotex.paths import DataDir
 from spotex.supervisor import Endpoints, resolve_endpoints
 
-__all__ = ["Drill", "LoadResult", "drill_stack", "journal_commands", "publish_load", "service_status",
-           "stream_messages", "wait_until"]
+__all__ = ["Drill", "LoadResult", "Trader", "drill_stack", "jobs_context", "journal_commands", "publish_load",
+           "service_status", "stream_messages", "wait_until"]
 
 
 def _cli(data_dir: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -70,6 +70,40 @@ class Drill:
     def component(self, name: str) -> dict[str, Any]:
         state = self.data.read_state() or {}
         return dict((state.get("components") or {}).get(name) or {})
+
+    async def ready(self, name: str) -> dict[str, Any] | None:
+        """The component's /status while it runs and answers (``{"ready": true}`` for a service
+        with no /status, such as the edge, once its /readyz answers 200), else None."""
+        import httpx
+
+        c = self.component(name)
+        if not (c.get("endpoint") and c.get("pid")):
+            return None
+        status = await service_status(c["endpoint"])
+        if status is not None:
+            return status
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                return {"ready": True} if (await client.get(f"{c['endpoint']}/readyz")).status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    async def kill9(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        """kill -9 the component and wait for the supervisor to restart it and for it to answer
+        /status. Returns the pid killed, the seconds until it answered again, and that status."""
+        import signal
+
+        c = self.component(name)
+        if not c.get("pid"):
+            raise RuntimeError(f"no {name} service in this stack")
+        pid, restarts, at = int(c["pid"]), int(c.get("restarts", 0)), time.time()
+        os.kill(pid, signal.SIGKILL)
+
+        async def restarted() -> dict[str, Any] | None:
+            return await self.ready(name) if int(self.component(name).get("restarts", 0)) > restarts else None
+
+        status = await wait_until(restarted, timeout, f"the supervisor to restart the {name}")
+        return {"pid": pid, "at": at, "restarted_after_s": round(time.time() - at, 2), "status_after_restart": status}
 
 
 @contextlib.contextmanager
@@ -214,3 +248,159 @@ async def wait_until(pred: Any, timeout: float, what: str | None = None, every: 
     if what is None:
         return None
     raise RuntimeError(f"timed out waiting for {what}")
+
+
+async def jobs_context(d: Drill, **kw: Any) -> tuple[Any, list[Any]]:
+    """The scheduled checks' context (PostgreSQL pool, JetStream, evidence dir) on the drill's stack,
+    and what to close after (``jobs.scheduler.close_context``)."""
+    from jobs.scheduler import make_context, open_context
+
+    ep = d.endpoints
+    try:
+        edge: str | None = ep.probe_url("edge") + "/metrics"
+    except KeyError:
+        edge = None
+    ctx = make_context(d.cfg, d.data_dir, pg_dsn=ep.pg_dsn, nats_url=ep.nats_url, edge_metrics_url=edge,
+                       evidence_dir=d.out_dir, **kw)
+    return ctx, await open_context(ctx)
+
+
+class Trader:
+    """A funded trader with an Ed25519 API key, placing signed REST orders through the real edge to
+    observe what the policy does to new orders and cancels."""
+
+    def __init__(self, http: Any, key: str, pk: Any, account_id: int = 0, tag: str = "drill") -> None:
+        self.http, self.key, self.pk = http, key, pk
+        self.account_id, self.tag = account_id, tag
+        self.n = self.last_ts = 0
+
+    @classmethod
+    async def create(cls, d: Drill, pool: Any, nats_url: str, edge_url: str) -> Trader:
+        import secrets
+
+        import httpx
+        import nats
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from core.bus import cmd_subject
+        from core.wire import Deposit, encode_request
+        from edge.app import master_key_path
+        from edge.auth import KeyStore, SecretBox
+
+        acct = 3_500_000_000 + secrets.randbelow(10**8)
+        box = SecretBox.from_file(master_key_path(d.cfg, d.data_dir), create=not d.cfg.production)
+        pk = Ed25519PrivateKey.generate()
+        pub = pk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+        ck = await KeyStore(pool, box).create(acct, ["read", "trade"], label=d.name, ed25519_public_key=pub)
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            quotes = {m.quote for m in d.cfg.markets}
+            for a in d.cfg.assets:
+                if a.symbol in quotes:
+                    await js.publish(cmd_subject(None), encode_request(Deposit(
+                        account_id=acct, asset=a.symbol, amount=10**9 * 10**a.decimals, reference=f"{d.name}-{acct}")),
+                        headers={"Nats-Msg-Id": f"{d.name}-fund-{acct}-{a.symbol}"})
+        finally:
+            await nc.close()
+        return cls(httpx.AsyncClient(base_url=edge_url, timeout=15), ck.api_key, pk, acct, d.name)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def req(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        from edge.auth import signed_headers
+
+        raw = json.dumps(body).encode() if body is not None else b""
+        # Each request signed anew with its own timestamp, as a client's retry is: two identical
+        # requests in the same millisecond would carry the same signature (AUTH_REPLAY).
+        self.last_ts = max(int(time.time() * 1000), self.last_ts + 1)
+        h = signed_headers(self.key, self.pk, method, path, raw, ts_ms=self.last_ts)
+        h["content-type"] = "application/json"
+        return await self.http.request(method, path, content=raw, headers={**h, **(headers or {})})
+
+    async def plan(self, symbol: str) -> tuple[str, str]:
+        """(price, quantity) of a small post-only BUY that rests: at the best bid, else a tick under
+        the best ask; worth about twice the minimum notional."""
+        from decimal import ROUND_CEILING, Decimal
+
+        mkt = next(m for m in (await self.http.get("/v1/markets")).json() if m["symbol"] == symbol)
+        book = (await self.http.get(f"/v1/markets/{symbol}/orderbook", params={"depth": 20})).json()
+        tick, lot = Decimal(mkt["tickSize"]), Decimal(mkt["lotSize"])
+        if book.get("bids"):
+            price = Decimal(book["bids"][0][0])
+        elif book.get("asks"):
+            price = Decimal(book["asks"][0][0]) - tick
+        else:
+            price = Decimal(100)
+        price = price.quantize(tick)
+        qty = max(lot, (Decimal(mkt["minNotional"]) * 2 / price / lot).to_integral_value(ROUND_CEILING) * lot)
+        return str(price), str(qty)
+
+    def order_body(self, symbol: str, plan: tuple[str, str], client_order_id: str | None = "") -> dict[str, Any]:
+        """A resting post-only BUY; a fresh client order id unless one is given (None: no id)."""
+        if client_order_id == "":
+            self.n += 1
+            client_order_id = f"{self.tag}-{self.n}"
+        body = {"symbol": symbol, "side": "BUY", "type": "LIMIT", "timeInForce": "GTC", "postOnly": True,
+                "price": plan[0], "quantity": plan[1]}
+        return body if client_order_id is None else {**body, "clientOrderId": client_order_id}
+
+    async def order(self, symbol: str, plan: tuple[str, str], *, body: dict[str, Any] | None = None,
+                    idempotency_key: str | None = None) -> tuple[int, str | None, Any]:
+        """(HTTP status, problem code or None, body); the body also carries ``_replayed`` (the
+        Idempotent-Replayed header) and, on a refusal, ``_retry_after``."""
+        hdrs = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        r = await self.req("POST", "/v1/orders", body or self.order_body(symbol, plan), headers=hdrs)
+        out = r.json()
+        out["_replayed"] = r.headers.get("idempotent-replayed") == "true"
+        if r.status_code >= 400:
+            out["_retry_after"] = r.headers.get("retry-after")
+        return r.status_code, (out.get("code") if r.status_code >= 400 else None), out
+
+    async def cancel(self, order_id: int) -> int:
+        return int((await self.req("DELETE", f"/v1/orders/{order_id}")).status_code)
+
+    async def probe(self, symbol: str, want: str, timeout: float = 20.0, limit: int = 40) -> dict[str, Any]:
+        """Place orders on ``symbol`` until one is refused with ``want``; cancel what rested (each
+        cancel must pass). A SYMBOL_THROTTLED while looking for something else waits Retry-After."""
+        plan = await self.plan(symbol)
+        out: dict[str, Any] = {"symbol": symbol, "want": want, "seen": False, "orders": 0, "statuses": {},
+                               "cancels": 0, "cancels_ok": 0, "price": plan[0], "quantity": plan[1]}
+        resting: list[int] = []
+        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        while time.monotonic() < deadline and out["orders"] < limit and not out["seen"]:
+            status, code, body = await self.order(symbol, plan)
+            out["orders"] += 1
+            label = code or str(status)
+            out["statuses"][label] = out["statuses"].get(label, 0) + 1
+            if status == 201 and body.get("status") in ("NEW", "PARTIALLY_FILLED"):
+                resting.append(int(body["orderId"]))
+            if code == want:
+                out["seen"] = True
+                out["after_s"] = round(time.monotonic() - t0, 3)
+                out["detail"] = body.get("detail")
+                out["retry_after"] = body.get("_retry_after")
+            elif code == "SYMBOL_THROTTLED":
+                await asyncio.sleep(1.0)
+        for oid in resting:
+            out["cancels"] += 1
+            out["cancels_ok"] += await self.cancel(oid) == 200
+        return out
+
+    async def burst(self, symbol: str, n: int) -> dict[str, Any]:
+        """``n`` orders back to back (then canceled): none may be refused by a throttle or a halt."""
+        statuses: dict[str, int] = {}
+        resting: list[int] = []
+        plan = await self.plan(symbol)
+        for _ in range(n):
+            status, code, body = await self.order(symbol, plan)
+            statuses[code or str(status)] = statuses.get(code or str(status), 0) + 1
+            if status == 201 and body.get("status") in ("NEW", "PARTIALLY_FILLED"):
+                resting.append(int(body["orderId"]))
+        ok = [await self.cancel(oid) == 200 for oid in resting]
+        blocked = sum(statuses.get(c, 0) for c in ("SYMBOL_THROTTLED", "MARKET_HALTED", "CANCEL_ONLY"))
+        return {"symbol": symbol, "orders": n, "statuses": statuses, "accepted": statuses.get("201", 0),
+                "cancels_ok": all(ok), "flowing": blocked == 0 and statuses.get("201", 0) > 0}

@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from runbooks.common import Drill, wait_until
+from runbooks.common import Drill, Trader, jobs_context, wait_until
 
 __all__ = ["budget_failure", "game_day_anomaly", "lag_spike"]
 
@@ -71,19 +71,6 @@ async def _webhook_receiver(secret: str) -> AsyncIterator[tuple[str, list[dict[s
         srv.close()
 
 
-async def _ctx(d: Drill, **kw: Any) -> tuple[Any, list[Any]]:
-    from jobs.scheduler import make_context, open_context
-
-    ep = d.endpoints
-    try:
-        edge: str | None = ep.probe_url("edge") + "/metrics"
-    except KeyError:
-        edge = None
-    ctx = make_context(d.cfg, d.data_dir, pg_dsn=ep.pg_dsn, nats_url=ep.nats_url, edge_metrics_url=edge,
-                       evidence_dir=d.out_dir, **kw)
-    return ctx, await open_context(ctx)
-
-
 async def game_day_anomaly(d: Drill) -> bool:
     from jobs.checks import ANOMALY_DEFAULTS
     from jobs.scheduler import close_context, run_job
@@ -93,7 +80,7 @@ async def game_day_anomaly(d: Drill) -> bool:
     secret = d.cfg.jobs.webhook_secret or os.environ.get("WEBHOOK_SECRET") or "game-day-secret"
     forced = {k: float(v[0]) * 5 for k, v in ANOMALY_DEFAULTS.items()}
     async with _webhook_receiver(secret) as (local_url, received):
-        ctx, closers = await _ctx(d, webhook_url=external or local_url, webhook_secret=secret)
+        ctx, closers = await jobs_context(d, webhook_url=external or local_url, webhook_secret=secret)
         try:
             ctx.webhook_url = None  # the baseline is not an incident
             baseline = await run_job(ctx, "anomaly", trigger="drill")
@@ -188,133 +175,6 @@ async def _until(pred: Any, timeout: float, every: float = 0.3) -> Any:
     return await wait_until(pred, timeout, None, every)
 
 
-class _Trader:
-    """A funded trader with an Ed25519 API key, placing signed REST orders through the real edge to
-    observe what the policy does to new orders and cancels."""
-
-    def __init__(self, http: Any, key: str, pk: Any) -> None:
-        self.http, self.key, self.pk = http, key, pk
-        self.n = 0
-
-    @classmethod
-    async def create(cls, d: Drill, pool: Any, nats_url: str, edge_url: str) -> _Trader:
-        import secrets
-
-        import httpx
-        import nats
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        from core.bus import cmd_subject
-        from core.wire import Deposit, encode_request
-        from edge.app import master_key_path
-        from edge.auth import KeyStore, SecretBox
-
-        acct = 3_500_000_000 + secrets.randbelow(10**8)
-        box = SecretBox.from_file(master_key_path(d.cfg, d.data_dir), create=not d.cfg.production)
-        pk = Ed25519PrivateKey.generate()
-        pub = pk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-        ck = await KeyStore(pool, box).create(acct, ["read", "trade"], label="lag-spike", ed25519_public_key=pub)
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            quotes = {m.quote for m in d.cfg.markets}
-            for a in d.cfg.assets:
-                if a.symbol in quotes:
-                    await js.publish(cmd_subject(None), encode_request(Deposit(
-                        account_id=acct, asset=a.symbol, amount=10**9 * 10**a.decimals, reference=f"lag-spike-{acct}")),
-                        headers={"Nats-Msg-Id": f"lag-spike-fund-{acct}-{a.symbol}"})
-        finally:
-            await nc.close()
-        return cls(httpx.AsyncClient(base_url=edge_url, timeout=15), ck.api_key, pk)
-
-    async def close(self) -> None:
-        await self.http.aclose()
-
-    async def req(self, method: str, path: str, body: Any = None) -> Any:
-        from edge.auth import signed_headers
-
-        raw = json.dumps(body).encode() if body is not None else b""
-        h = signed_headers(self.key, self.pk, method, path, raw)
-        h["content-type"] = "application/json"
-        return await self.http.request(method, path, content=raw, headers=h)
-
-    async def plan(self, symbol: str) -> tuple[str, str]:
-        """(price, quantity) of a small post-only BUY that rests: at the best bid, else a tick under
-        the best ask; worth about twice the minimum notional."""
-        from decimal import ROUND_CEILING, Decimal
-
-        mkt = next(m for m in (await self.http.get("/v1/markets")).json() if m["symbol"] == symbol)
-        book = (await self.http.get(f"/v1/markets/{symbol}/orderbook", params={"depth": 20})).json()
-        tick, lot = Decimal(mkt["tickSize"]), Decimal(mkt["lotSize"])
-        if book.get("bids"):
-            price = Decimal(book["bids"][0][0])
-        elif book.get("asks"):
-            price = Decimal(book["asks"][0][0]) - tick
-        else:
-            price = Decimal(100)
-        price = price.quantize(tick)
-        qty = max(lot, (Decimal(mkt["minNotional"]) * 2 / price / lot).to_integral_value(ROUND_CEILING) * lot)
-        return str(price), str(qty)
-
-    async def order(self, symbol: str, plan: tuple[str, str]) -> tuple[int, str | None, Any]:
-        """(HTTP status, problem code or None, body)."""
-        self.n += 1
-        r = await self.req("POST", "/v1/orders", {"symbol": symbol, "side": "BUY", "type": "LIMIT",
-                                                  "timeInForce": "GTC", "postOnly": True, "price": plan[0],
-                                                  "quantity": plan[1], "clientOrderId": f"lag-{self.n}"})
-        body = r.json()
-        if r.status_code >= 400:
-            body["_retry_after"] = r.headers.get("retry-after")
-        return r.status_code, (body.get("code") if r.status_code >= 400 else None), body
-
-    async def cancel(self, order_id: int) -> int:
-        return int((await self.req("DELETE", f"/v1/orders/{order_id}")).status_code)
-
-    async def probe(self, symbol: str, want: str, timeout: float = 20.0, limit: int = 40) -> dict[str, Any]:
-        """Place orders on ``symbol`` until one is refused with ``want``; cancel what rested (each
-        cancel must pass). A SYMBOL_THROTTLED while looking for something else waits Retry-After."""
-        plan = await self.plan(symbol)
-        out: dict[str, Any] = {"symbol": symbol, "want": want, "seen": False, "orders": 0, "statuses": {},
-                               "cancels": 0, "cancels_ok": 0, "price": plan[0], "quantity": plan[1]}
-        resting: list[int] = []
-        deadline = time.monotonic() + timeout
-        t0 = time.monotonic()
-        while time.monotonic() < deadline and out["orders"] < limit and not out["seen"]:
-            status, code, body = await self.order(symbol, plan)
-            out["orders"] += 1
-            label = code or str(status)
-            out["statuses"][label] = out["statuses"].get(label, 0) + 1
-            if status == 201 and body.get("status") in ("NEW", "PARTIALLY_FILLED"):
-                resting.append(int(body["orderId"]))
-            if code == want:
-                out["seen"] = True
-                out["after_s"] = round(time.monotonic() - t0, 3)
-                out["detail"] = body.get("detail")
-                out["retry_after"] = body.get("_retry_after")
-            elif code == "SYMBOL_THROTTLED":
-                await asyncio.sleep(1.0)
-        for oid in resting:
-            out["cancels"] += 1
-            out["cancels_ok"] += await self.cancel(oid) == 200
-        return out
-
-    async def burst(self, symbol: str, n: int) -> dict[str, Any]:
-        """``n`` orders back to back (then canceled): none may be refused by a throttle or a halt."""
-        statuses: dict[str, int] = {}
-        resting: list[int] = []
-        plan = await self.plan(symbol)
-        for _ in range(n):
-            status, code, body = await self.order(symbol, plan)
-            statuses[code or str(status)] = statuses.get(code or str(status), 0) + 1
-            if status == 201 and body.get("status") in ("NEW", "PARTIALLY_FILLED"):
-                resting.append(int(body["orderId"]))
-        ok = [await self.cancel(oid) == 200 for oid in resting]
-        blocked = sum(statuses.get(c, 0) for c in ("SYMBOL_THROTTLED", "MARKET_HALTED", "CANCEL_ONLY"))
-        return {"symbol": symbol, "orders": n, "statuses": statuses, "accepted": statuses.get("201", 0),
-                "cancels_ok": all(ok), "flowing": blocked == 0 and statuses.get("201", 0) > 0}
-
-
 async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50, commands: int = 20_000,
                     rate: float = 150.0, seed: int = 21, throttle: int = 2) -> bool:
     """Load is paced (``rate`` commands/s) so that the T2 -> T3 climb on a symbol takes seconds: the
@@ -347,8 +207,8 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
     edge_url = next((c.get("endpoint") for c in before.get("components") or [] if c.get("name") == "edge"), None)
     if not edge_url:
         raise SystemExit("spotex: no edge in this stack (the drill observes the policy through it)")
-    ctx, closers = await _ctx(d)
-    trader: _Trader | None = None
+    ctx, closers = await jobs_context(d)
+    trader: Trader | None = None
     probes: dict[str, Any] = {}
     phases: dict[str, Any] = {}
     stop_load = asyncio.Event()
@@ -395,7 +255,7 @@ async def lag_spike(d: Drill, t2: int = 150, t3: int = 600, recovered: int = 50,
             audit_from = int(await c.fetchval("SELECT coalesce(max(seq), 0) FROM audit_chain WHERE chain = 'admin'"))
         base = await job("baseline")
         ok_steps["baseline_clear"] = base["outcome"] == "ok" and not phases["baseline"]["actions"]
-        trader = await _Trader.create(d, ctx.pool, d.endpoints.nats_url, str(edge_url))
+        trader = await Trader.create(d, ctx.pool, d.endpoints.nats_url, str(edge_url))
         os.kill(ledger_pid, signal.SIGSTOP)
         paused = True
         mark("ledger_paused", pid=ledger_pid)

@@ -132,6 +132,17 @@ def register(main: click.Group) -> None:
 
         _run("budget-failure", data_dir, out, fn)
 
+    @drill.command("idempotency-latch-failure")
+    @_common
+    @click.option("--symbol", default=None, help="The market to latch (default: the first configured).")
+    @click.option("--concurrent", default=12, show_default=True, help="Identical requests sent at once.")
+    def idempotency_latch_failure(data_dir: str | None, out: str | None, symbol: str | None, concurrent: int) -> None:
+        """Seed §4.0: Idempotency-Key under retries, a request storm and an edge kill -9; the safety latch
+        holding its mode, refusing bad releases, surviving a ledger kill -9, released by two approvers."""
+        from runbooks.idem_latch_drill import idempotency_latch_failure as fn
+
+        _run("idempotency-latch-failure", data_dir, out, fn, symbol=symbol, concurrent=concurrent)
+
     @drill.command("load-regression")
     @_common
     @click.option("--scale", default=1.0, show_default=True, type=float,

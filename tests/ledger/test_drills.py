@@ -4,11 +4,14 @@ exactly-once proof with 2,000 trades and 10 kill -9 points (the million is run b
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from spotex.testing import spotex_cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -29,8 +32,10 @@ def test_ledger_kill_recover_drill(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_exactly_once_million_drill_small(tmp_path: Path) -> None:
     out = tmp_path / "eom"
-    res = spotex_cli("drill", "exactly-once-million", "--trades", "2000", "--kills", "10", "--out", str(out),
-                     "--dup-deliveries", "300", timeout=400)
+    # Through the seed's entrypoint (runbooks/exactly_once_million_failure.sh), at a small size.
+    res = subprocess.run([str(ROOT / "runbooks" / "exactly_once_million_failure.sh"), "--trades", "2000",
+                          "--kills", "10", "--out", str(out), "--dup-deliveries", "300"],
+                         capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "exactly_once_million_ok=true" in res.stdout
     s = json.loads((out / "exactly-once-million-summary.json").read_text())
