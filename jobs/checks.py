@@ -632,18 +632,30 @@ def load_budgets(path: str | None) -> list[dict[str, Any]]:
     return list(data["budgets"] if isinstance(data, dict) else data)
 
 
+def _policy(ctx: JobContext) -> Any:
+    """The budgets to judge by, through the signed-policy loader (jobs/policy.py, docs/policy.md)."""
+    from jobs.policy import load_policy
+
+    return load_policy(ctx.budgets_file or (getattr(ctx.cfg.jobs, "budgets_file", None) if ctx.cfg else None),
+                       ctx.cfg, ctx.data_dir)
+
+
 async def check_safety_budget(ctx: JobContext) -> JobResult:
-    budgets = load_budgets(ctx.budgets_file or (getattr(ctx.cfg.jobs, "budgets_file", None) if ctx.cfg else None))
+    pol = _policy(ctx)
+    budgets = pol.budgets
     roots = [ctx.evidence_dir.parent, Path("build/runbooks").resolve()]
     res = evaluate_budgets(budgets, roots, ctx.now())
-    out = {"at": ctx.now(), "roots": [str(r) for r in roots], **res}
+    out = {"at": ctx.now(), "roots": [str(r) for r in roots], **res, "policy": pol.info}
+    if pol.refused and res["recommended_action"] not in ("WITHDRAW_HALT", "CANCEL_ONLY"):
+        out["recommended_action"] = pol.info["recommended_action"]
     out["evidence"] = str(ctx.write_evidence(f"safety-budget-{ctx.stamp()}.json", out))
-    return JobResult("ok" if res["budget_ok"] else "violation", out)
+    return JobResult("ok" if res["budget_ok"] and not pol.refused else "violation", out)
 
 
 async def check_freshness(ctx: JobContext) -> JobResult:
     """Every budget's evidence exists and is fresh (values not judged: that is the budget's job)."""
-    budgets = load_budgets(ctx.budgets_file or (getattr(ctx.cfg.jobs, "budgets_file", None) if ctx.cfg else None))
+    pol = _policy(ctx)
+    budgets = pol.budgets
     roots = [ctx.evidence_dir.parent, Path("build/runbooks").resolve()]
     out_rows = []
     stale = 0
@@ -655,10 +667,10 @@ async def check_freshness(ctx: JobContext) -> JobResult:
         stale += not ok
         out_rows.append({"name": b["name"], "file": str(path) if path else None,
                          "age_s": round(age, 1) if age is not None else None, "fresh": ok})
-    out = {"evidence": out_rows, "stale_or_missing": stale,
-           "recommended_action": "NONE" if not stale else "REFRESH_EVIDENCE"}
+    out = {"evidence": out_rows, "stale_or_missing": stale, "policy": pol.info,
+           "recommended_action": pol.info.get("recommended_action") or ("NONE" if not stale else "REFRESH_EVIDENCE")}
     ctx.write_evidence("evidence-freshness-latest.json", out)
-    return JobResult("ok" if not stale else "violation", out)
+    return JobResult("ok" if not stale and not pol.refused else "violation", out)
 
 
 async def check_snapshot(ctx: JobContext) -> JobResult:

@@ -163,6 +163,8 @@ class SecuritySection(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     # AES-256-GCM master key(s) that encrypt trader HMAC secrets at rest (hex lines, first is primary).
     # None: <data_dir>/secrets/edge_master.key, created on first use in dev.
     master_key_file: str | None = None
+    # Ed25519 public keys (hex or PEM) trusted to sign the policy bundle ([jobs] budgets_file): jobs/policy.py.
+    policy_signer_keys: list[str] = msgspec.field(default_factory=list)
 
 
 class AssetSpec(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -89,6 +89,13 @@ def _demo(cfg: Config) -> list[str]:
     return []
 
 
+def _policy(cfg: Config) -> list[str]:
+    from jobs.policy import startup_problem  # the signed policy bundle (docs/policy.md)
+
+    problem = startup_problem(cfg)
+    return [problem] if problem else []
+
+
 _CHECKS = {
     "core": (_nats, _demo),
     "core-standby": (_nats, _demo),
@@ -97,7 +104,7 @@ _CHECKS = {
     "edge": (_nats, _admin, _demo),
     "ledger": (_nats, _postgres, _latch, _demo),
     "exporter": (_nats, _kafka),
-    "jobs": (_nats, _postgres, _admin),
+    "jobs": (_nats, _postgres, _admin, _policy),
 }
 
 
