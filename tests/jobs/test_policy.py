@@ -181,3 +181,22 @@ def test_cli_sign_and_verify(tmp_path: Path, keys: _Keys) -> None:
     assert v.returncode == 1 and v.stdout == ""
     assert v.stderr.strip().splitlines() == [
         f"spotex: policy verify failed: {b / 'budgets.json'}: file missing (listed in the signed manifest)"]
+
+
+def test_cli_defaults_to_the_configured_budgets_file(tmp_path: Path, keys: _Keys) -> None:
+    b = tmp_path / "etc"
+    b.mkdir()
+    (b / "budgets.json").write_text(json.dumps({"budgets": BUDGETS}))
+    (b / "notes.json").write_text("{}")
+    env = {"SPOTEX_SECURITY__POLICY_SIGNER_KEYS": json.dumps([keys.public_hex]),
+           "SPOTEX_JOBS__BUDGETS_FILE": str(b / "budgets.json")}
+    dd = ["--data-dir", str(tmp_path / "d")]
+    s = spotex_cli("policy", "sign", "--key", str(keys.trusted_file), *dd, env=env)
+    assert s.returncode == 0 and "policy_files=budgets.json\n" in s.stdout, s.stdout + s.stderr
+    assert spotex_cli("policy", "verify", *dd, env=env).returncode == 0
+    # A bundle signed over other files only does not cover the configured budgets file.
+    sign_bundle(b, ["notes.json"], keys.trusted)
+    v = spotex_cli("policy", "verify", *dd, env=env)
+    assert v.returncode == 1
+    assert v.stderr.strip() == (f"spotex: policy verify failed: {b / 'budgets.json'}: "
+                                "file not covered by the signed manifest")
