@@ -13,9 +13,12 @@ against a whole stack, on one symbol:
 - ``approved``: the second distinct approver: two approvals;
 - ``applied_verified``: apply; the change ends ``verified``, the drill reads the core's mode and the
   KV throttle itself, and finds the ops on the admin chain carrying the change id;
+- ``edge_cancel_only``: a funded trader's signed REST order through the real edge is refused
+  ``409 CANCEL_ONLY`` (anything that rested on the way is canceled);
 - ``refused_reapply``: applying it again: CHANGE_ALREADY_APPLIED;
 - ``reverted``: the revert (from what apply recorded before acting) proposed, approved by two,
   applied and verified: the symbol is as found;
+- ``edge_orders_after_revert``: the trader's new orders are accepted again (then canceled);
 - ``change_chain_verified``: ``verify_change_audit_chain.sh --require-events`` passes and the chain
   holds every step above (proposed, approved, refused, applied, verified).
 
@@ -42,7 +45,8 @@ __all__ = ["change_workflow"]
 ROOT = Path(__file__).resolve().parent.parent
 PROPOSER, APPROVERS, APPLIER = "drill-proposer", ("drill-approver-1", "drill-approver-2"), "drill-applier"
 STEPS = ("proposed", "refused_unapproved", "refused_self_approval", "refused_duplicate_approval", "refused_tampered",
-         "approved", "applied_verified", "refused_reapply", "reverted", "change_chain_verified")
+         "approved", "applied_verified", "edge_cancel_only", "refused_reapply", "reverted", "edge_orders_after_revert",
+         "change_chain_verified")
 ACTIONS = {
     "proposed": "CHECK_DATABASE: proposals cannot be stored (spotex db migrate; PostgreSQL reachable?)",
     "refused_unapproved": "STOP_CHANGES: an unapproved change was not refused; fix ledger/changes.py before any change",
@@ -52,6 +56,8 @@ ACTIONS = {
     "approved": "CHECK_DATABASE: approvals cannot be recorded",
     "applied_verified": "INVESTIGATE_APPLY: the change was not applied or its effect not visible (core, NATS KV, "
                         "invariants, audit chains: see the step detail)",
+    "edge_cancel_only": "INVESTIGATE_EDGE: the core shows CANCEL_ONLY but a trader's new order was not refused",
+    "edge_orders_after_revert": "RESTORE_MANUALLY: after the revert a trader's new order is still refused",
     "refused_reapply": "STOP_CHANGES: an applied change could be applied twice",
     "reverted": "RESTORE_MANUALLY: the symbol may not be as found; set its mode/throttle back through spotex change",
     "change_chain_verified": "INVESTIGATE_AUDIT: the change audit chain does not verify or lacks steps "
@@ -108,7 +114,13 @@ async def change_workflow(d: Drill, *, symbol: str | None = None, skip_verificat
     nc = await nats.connect(ep.nats_url)
     ex = changes.Exchange(nc, d.cfg.core.query_subject)
     applied: Any = None
+    trader: Any = None
+    edge_url = d.component("edge").get("endpoint")
     try:
+        if edge_url:
+            from runbooks.common import Trader
+
+            trader = await Trader.create(d, pool, ep.nats_url, str(edge_url))
         state_ops = [changes.parse_op(o) for o in ops]
         before = await changes.read_state(ex, state_ops)
         admin_head = (await audit.head(pool, "admin"))[0]
@@ -168,6 +180,12 @@ async def change_workflow(d: Drill, *, symbol: str | None = None, skip_verificat
              and full_ok, rc=rc, stderr=err, state_before=before, state_after=now,
              admin_entries=[{k: e[k] for k in ("seq", "action", "actor")} for e in admin], checks=checks)
 
+        if trader is not None:
+            probe = await trader.probe(sym, "CANCEL_ONLY", timeout=20, limit=10)
+            step("edge_cancel_only", probe["seen"] and probe["cancels"] == probe["cancels_ok"], probe=probe)
+        else:
+            step("edge_cancel_only", False, detail="no edge in this stack")
+
         rc, _, err = await _run(d, "apply_change.sh", cid, "--actor", APPLIER, *skip_flag)
         step("refused_reapply", _refused(rc, err, "CHANGE_ALREADY_APPLIED"), rc=rc, stderr=err)
     except _Abort:
@@ -177,7 +195,12 @@ async def change_workflow(d: Drill, *, symbol: str | None = None, skip_verificat
     finally:
         try:
             await _revert(d, ex, steps, ids, applied, skip_flag, ticket)
+            if trader is not None and steps.get("reverted", {}).get("ok"):
+                burst = await trader.burst(sym, 2)
+                step("edge_orders_after_revert", burst["flowing"] and burst["cancels_ok"], burst=burst)
         finally:
+            if trader is not None:
+                await trader.close()
             await nc.close()
     try:
         await _verify_chain(d, pool, steps, ids)
