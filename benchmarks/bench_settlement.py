@@ -253,11 +253,15 @@ async def run_async(trades: int, nats_url: str, pg_dsn: str, *, batch_max: int =
     book = Book(pool)
     consumer = SettlementConsumer(book, js, ConsumerOptions(batch_max_events=batch_max, fetch_max_msgs=fetch_max))
     commits: list[float] = []
+    locked: list[float] = []
+    replans = [0]
     lags: list[int] = []
     applied: dict[str, int] = {}
 
     async def hook(out: BatchOutcome) -> None:
         commits.append(out.commit_seconds)
+        locked.append(out.locked_seconds)
+        replans[0] += out.replanned
         now = time.time_ns() // 1_000_000
         lags.extend(now - occurred for _s, occurred in out.lag_ms)
         for st in out.streams.values():
@@ -318,6 +322,10 @@ async def run_async(trades: int, nats_url: str, pg_dsn: str, *, batch_max: int =
         "commit_p50_ms": round(_pct(commits, 50) * 1000, 1),
         "commit_p99_ms": round(_pct(commits, 99) * 1000, 1),
         "commit_mean_ms": round(statistics.fmean(commits) * 1000, 1) if commits else 0.0,
+        # The part under the writer lock (balances, checkpoints, commit): batches cannot overlap it.
+        "locked_p50_ms": round(_pct(locked, 50) * 1000, 1),
+        "locked_p99_ms": round(_pct(locked, 99) * 1000, 1),
+        "replanned_batches": replans[0],
         "checkpoints": ckpts,
         "invariants_ok": inv.ok,
         "targets": {"trades_per_s": 16_700, "commit_p99_ms": 100, "duplicates": 0},

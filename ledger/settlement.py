@@ -165,7 +165,8 @@ class BatchOutcome:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # evaluated EngineCheckpoints
     streams: dict[str, StreamState] = field(default_factory=dict)
     slow_path: bool = False
-    commit_seconds: float = 0.0
+    commit_seconds: float = 0.0  # begin to commit, less any wait for the batch before
+    locked_seconds: float = 0.0  # writer lock taken to commit (the part batches cannot overlap)
     lag_ms: list[tuple[str, int]] = field(default_factory=list)
     next_tx: int = 0
     replanned: bool = False
@@ -388,6 +389,27 @@ class _StaleAccounts(Exception):
     pass
 
 
+class _Mispredicted(Exception):
+    """Rows written ahead (while the batch before committed) rest on a prediction of the stream
+    states and next tx id that the committed book does not match: roll them back, plan afresh."""
+
+
+class _Abandoned(Exception):
+    """The batch before this one did not commit cleanly (a gap to re-read, or a stop): this one,
+    planned on top of it, must not commit either."""
+
+
+async def _pass(gate: asyncio.Future[bool] | None) -> float:
+    """Wait for the batch before to be decided; raise :class:`_Abandoned` unless it committed
+    cleanly. Returns the seconds waited."""
+    if gate is None:
+        return 0.0
+    t = time.perf_counter()
+    if not await asyncio.shield(gate):
+        raise _Abandoned()
+    return time.perf_counter() - t
+
+
 _UPSERT_CHECKPOINTS = """
 WITH w AS (UPDATE ledger_writer SET next_tx_id = $10 WHERE id = 1 AND next_tx_id <> $10)
 INSERT INTO ledger_consumer_checkpoint AS c (stream, last_seq, max_fencing_token, last_js_seq, last_occurred_at_ms,
@@ -448,28 +470,48 @@ class Book:
         return states, next_tx
 
     async def settle(self, deliveries: Sequence[Delivery], *, confirmed_gaps: set[tuple[str, int]] | None = None,
-                     prepared: Prepared | None = None) -> BatchOutcome:
-        for attempt in (1, 2):
+                     prepared: Prepared | None = None, gate: asyncio.Future[bool] | None = None) -> BatchOutcome:
+        """Apply one batch. With ``gate`` (the pipelined consumer: resolved True once the batch
+        before committed cleanly) and ``prepared``, the append-only rows (journal, postings, trades)
+        are written while the batch before commits, and the rest waits for the gate and the writer
+        lock; a misprediction found under the lock rolls them back and the batch is planned afresh."""
+        stale = mispredicted = False
+        while True:
             try:
-                return await self._settle(deliveries, slow=False, confirmed_gaps=confirmed_gaps, prepared=prepared)
+                out = await self._settle(deliveries, slow=False, confirmed_gaps=confirmed_gaps, prepared=prepared,
+                                         gate=gate)
+                out.replanned = out.replanned or mispredicted  # the consumer's later predictions are off too
+                return out
             except _StaleAccounts:
                 self.known.clear()
-                if attempt == 2:
+                if stale:
                     raise
+                stale = True
+            except _Mispredicted:
+                M_REPLAN.inc()
+                mispredicted = True
+                prepared, gate = None, None  # the gate was passed: the batch before is committed
             except asyncpg.UniqueViolationError as exc:
                 # Someone posted part of this batch although our checkpoint said otherwise (a second
                 # writer, or rows inserted by hand): ask the journal, post only what is missing.
                 log.warning("fast path conflict; re-running the batch on the slow path", extra={"error": str(exc)})
                 M_SLOW.inc()
-                return await self._settle(deliveries, slow=True, confirmed_gaps=confirmed_gaps, prepared=None)
-        raise AssertionError("unreachable")
+                await _pass(gate)  # the conflict may have been raised while writing ahead
+                return await self._settle(deliveries, slow=True, confirmed_gaps=confirmed_gaps, prepared=None,
+                                          gate=None)
 
     async def _settle(self, deliveries: Sequence[Delivery], *, slow: bool, confirmed_gaps: set[tuple[str, int]] | None,
-                      prepared: Prepared | None) -> BatchOutcome:
+                      prepared: Prepared | None, gate: asyncio.Future[bool] | None = None) -> BatchOutcome:
         t0 = time.perf_counter()
         streams = sorted({d.stream for d in deliveries})
         touched: list[tuple[int, str, str]] = []
+        ahead = prepared is not None and gate is not None and not slow
         async with self.pool.acquire() as conn, conn.transaction():
+            if ahead:
+                assert prepared is not None
+                await self._append_rows(conn, prepared.plan, slow=False)
+            waited = await _pass(gate)
+            t_lock = time.perf_counter()
             next_tx = int(await conn.fetchval(_LOCK))
             rows = await conn.fetch(_READ_CHECKPOINTS, streams)
             states: dict[str, StreamState] = {}
@@ -482,6 +524,8 @@ class Book:
             replanned = False
             if p is not None and not slow and (p.base_next_tx != next_tx or any(
                     _state_key(states.get(s)) != k for s, k in p.base.items())):
+                if ahead:
+                    raise _Mispredicted()
                 M_REPLAN.inc()
                 p = None
                 replanned = True
@@ -500,16 +544,8 @@ class Book:
             out.alerts, out.checkpoints, out.new_alert_ids = list(p.plan_alerts), [], []
             out.slow_path = slow
             out.replanned = replanned or slow
-            if plan.journal:
-                await conn.copy_records_to_table("ledger_journal", records=plan.journal, columns=J_COLS)
-                await conn.copy_records_to_table("ledger_postings", records=plan.postings, columns=P_COLS)
-            if plan.trades:
-                if slow:
-                    await conn.executemany(
-                        f"INSERT INTO ledger_trades ({', '.join(T_COLS)}) VALUES "
-                        f"({', '.join(f'${i + 1}' for i in range(len(T_COLS)))}) ON CONFLICT DO NOTHING", plan.trades)
-                else:
-                    await conn.copy_records_to_table("ledger_trades", records=plan.trades, columns=T_COLS)
+            if not ahead:
+                await self._append_rows(conn, plan, slow=slow)
             if plan.nets:
                 touched = [k for k, v in plan.nets.items() if v]
                 await self._balances(conn, touched, plan, out)
@@ -531,7 +567,10 @@ class Book:
         if len(self.known) > self.KNOWN_MAX:
             self.known.clear()
         self.known.update(touched)
-        out.commit_seconds = time.perf_counter() - t0
+        # The transaction's own time: not the wait for the batch before (pipelined).
+        t_end = time.perf_counter()
+        out.commit_seconds = t_end - t0 - waited
+        out.locked_seconds = t_end - t_lock
         out.journal_rows = len(plan.journal)
         out.postings = len(plan.postings)
         out.trades = len(plan.trades)
@@ -539,6 +578,20 @@ class Book:
         out.next_tx = plan.next_tx
         self._observe(out)
         return out
+
+    @staticmethod
+    async def _append_rows(conn: Any, plan: _Plan, *, slow: bool) -> None:
+        """The append-only rows of a plan: journal, postings, trades."""
+        if plan.journal:
+            await conn.copy_records_to_table("ledger_journal", records=plan.journal, columns=J_COLS)
+            await conn.copy_records_to_table("ledger_postings", records=plan.postings, columns=P_COLS)
+        if plan.trades:
+            if slow:
+                await conn.executemany(
+                    f"INSERT INTO ledger_trades ({', '.join(T_COLS)}) VALUES "
+                    f"({', '.join(f'${i + 1}' for i in range(len(T_COLS)))}) ON CONFLICT DO NOTHING", plan.trades)
+            else:
+                await conn.copy_records_to_table("ledger_trades", records=plan.trades, columns=T_COLS)
 
     async def _balances(self, conn: Any, keys: list[tuple[int, str, str]], plan: _Plan, out: BatchOutcome) -> None:
         nets = plan.nets
@@ -839,13 +892,17 @@ class SettlementConsumer:
             with contextlib.suppress(Exception):  # a lost ack is a redelivery, which the book skips
                 await m.ack()
 
-    async def _settle_retry(self, p: Prepared) -> BatchOutcome | None:
+    async def _settle_retry(self, p: Prepared, gate: asyncio.Future[bool] | None = None) -> BatchOutcome | None:
+        """Settle until it commits; None when stopping or when the batch before did not commit
+        cleanly (``gate``: see :meth:`Book.settle`)."""
         delay = 0.1
         while True:
             try:
-                out = await self.book.settle(p.deliveries, prepared=p, confirmed_gaps=self.confirmed)
+                out = await self.book.settle(p.deliveries, prepared=p, confirmed_gaps=self.confirmed, gate=gate)
                 self.last_error = None
                 return out
+            except _Abandoned:
+                return None
             except _DB_RETRYABLE as exc:
                 kind, err = type(exc).__name__, exc
             except Exception as exc:  # a bug must not skip events either: retry, loudly
@@ -953,25 +1010,62 @@ class SettlementConsumer:
                     q.put_nowait(None)
 
         prod = asyncio.create_task(producer())
+        # Two batches overlap: batch k+1 writes its append-only rows while batch k commits; it takes
+        # the writer lock only once k is decided (its gate). k's outcome is handled (stream states,
+        # acks) before k+1's.
+        inflight: list[tuple[Prepared, asyncio.Task[BatchOutcome | None], asyncio.Future[bool]]] = []
+        loop = asyncio.get_running_loop()
+
+        async def finish() -> bool:
+            """Settle the batch in flight's outcome: False when the pump must stop (re-read, stop)."""
+            p, task, decided = inflight.pop(0)
+            out = await task
+            decided.set_result(out is not None and not out.suspect_gaps)
+            if out is None:
+                return False
+            if not await self._after_commit(p, out):
+                reason.append("gap")
+                return False
+            if out.replanned:
+                # Our predictions were off (another writer, a correction): plan afresh from here.
+                predicted.clear()
+                predicted.update({k: _fresh_copy(v) for k, v in self.committed.items()})
+                predicted_tx[0] = self.committed_next_tx
+            return True
+
         try:
             while True:
+                if inflight and q.empty():
+                    # Nothing to overlap with: finish the batch in flight now (its acks would wait).
+                    if not await finish():
+                        break
+                    continue
                 p = await q.get()
                 if p is None:
                     if prod.done():
                         break
                     continue
-                out = await self._settle_retry(p)
-                if out is None:
+                gate = inflight[-1][2] if inflight else None
+                inflight.append((p, asyncio.create_task(self._settle_retry(p, gate)), loop.create_future()))
+                if len(inflight) > 1 and not await finish():
                     break
-                if not await self._after_commit(p, out):
-                    reason.append("gap")
+            while inflight and not self.stop.is_set():  # the last batch of a finished fetch
+                if not await finish():
                     break
-                if out.replanned:
-                    # Our predictions were off (another writer, a correction): plan afresh from here.
-                    predicted.clear()
-                    predicted.update({k: _fresh_copy(v) for k, v in self.committed.items()})
-                    predicted_tx[0] = self.committed_next_tx
+        except BaseException:  # cancelled: so are the batches in flight (each rolls back)
+            for _, task, _ in inflight:
+                task.cancel()
+            raise
         finally:
+            # Left over: a batch waiting on a batch that did not commit cleanly (or when stopping)
+            # abandons and rolls back; one already committing completes, unacked (a redelivery of it
+            # is skipped by the book).
+            for _, _, decided in inflight:
+                if not decided.done():
+                    decided.set_result(False)
+            for _, task, _ in inflight:
+                with contextlib.suppress(BaseException):
+                    await task
             prod.cancel()
             with contextlib.suppress(BaseException):
                 await prod

@@ -459,3 +459,77 @@ async def test_consumer_recreated_position_matches_book(pool: asyncpg.Pool, nats
         c2 = SettlementConsumer(Book(pool), bus.js)
         # Caught up on every stream: resume after EVT's end, and the consumer is kept as it is.
         assert await c2.restart_point() == info.state.last_seq + 1
+
+
+async def test_pipelined_batches_write_ahead_wait_for_their_gate_and_replan_when_mispredicted(
+        pool: asyncpg.Pool) -> None:
+    """The consumer's overlap (Book.settle with a gate): a batch planned on the predicted outcome of
+    the batch before writes its rows while that one commits and takes the writer lock only once its
+    gate opens; a prediction the committed book does not match (here another writer took tx ids)
+    rolls the written-ahead rows back and the batch is planned afresh; a closed gate commits nothing."""
+    from ledger.settlement import _Abandoned, prepare
+
+    eng, ds = engine_feed(700, seed=11)
+    book = Book(pool)
+    await settle_all(book, ds[:100])
+
+    async def journal_rows() -> int:
+        async with pool.acquire() as c:
+            return int(await c.fetchval("SELECT count(*) FROM ledger_journal"))
+
+    async def plan_pair(a: list[Delivery], b: list[Delivery]) -> tuple[Any, Any]:
+        states, next_tx = await book.load_states()
+        pa = prepare(a, states, next_tx)
+        pb = prepare(b, {**states, **pa.states}, pa.plan.next_tx)
+        return pa, pb
+
+    # B writes ahead and waits on its gate while A commits; then B commits on top, as predicted.
+    pa, pb = await plan_pair(ds[100:200], ds[200:300])
+    gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    b_task = asyncio.create_task(book.settle(pb.deliveries, prepared=pb, gate=gate))
+    await asyncio.sleep(0.3)
+    assert not b_task.done()  # held at its gate, its rows uncommitted
+    out_a = await book.settle(pa.deliveries, prepared=pa)
+    gate.set_result(True)
+    out_b = await b_task
+    assert not out_a.replanned and not out_b.replanned and out_b.journal_rows > 0
+
+    # Another writer takes tx ids between C's commit and D's lock: D's rows are rolled back and it is
+    # planned again under the lock, with tx ids after the other writer's.
+    pc, pd = await plan_pair(ds[300:400], ds[400:500])
+    replans = metric("ledger_replans_total")
+    gate = asyncio.get_running_loop().create_future()
+    d_task = asyncio.create_task(book.settle(pd.deliveries, prepared=pd, gate=gate))
+    await book.settle(pc.deliveries, prepared=pc)
+    async with pool.acquire() as c:
+        taken = int(await c.fetchval("UPDATE ledger_writer SET next_tx_id = next_tx_id + 7 WHERE id = 1 "
+                                     "RETURNING next_tx_id"))
+    gate.set_result(True)
+    out_d = await d_task
+    assert out_d.replanned and metric("ledger_replans_total") == replans + 1
+    d_keys = [(d.stream, e.seq) for d in ds[400:500] for e in d.events if getattr(e, "moves", None)]
+    async with pool.acquire() as c:
+        d_txs = await c.fetchval("SELECT array_agg(j.tx_id) FROM unnest($1::text[], $2::bigint[]) AS k(stream, seq) "
+                                 "JOIN ledger_journal j ON j.stream = k.stream AND j.seq = k.seq",
+                                 [k[0] for k in d_keys], [k[1] for k in d_keys])
+        assert await c.fetchval("SELECT count(*) FROM ledger_journal WHERE tx_id >= $1 AND tx_id < $2",
+                                taken - 7, taken) == 0  # nothing landed on the ids the other writer took
+    assert d_keys and len(d_txs) == len(d_keys) and min(d_txs) >= taken
+
+    # A closed gate (the batch before did not commit cleanly): nothing of E is written.
+    before = await journal_rows()
+    states, next_tx = await book.load_states()
+    pe = prepare(ds[500:600], states, next_tx)
+    closed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    closed.set_result(False)
+    with pytest.raises(_Abandoned):
+        await book.settle(pe.deliveries, prepared=pe, gate=closed)
+    assert await journal_rows() == before
+
+    await settle_all(book, ds[500:])
+    async with pool.acquire() as c:
+        assert await c.fetchval("SELECT count(*) - count(DISTINCT (stream, seq)) FROM ledger_journal") == 0
+        balance_events = sum(1 for d in ds for e in d.events if getattr(e, "moves", None))
+        assert await c.fetchval("SELECT count(*) FROM ledger_journal") == balance_events
+    await assert_matches_engine(pool, eng)
+    assert (await run_invariants(pool, full=True)).ok
