@@ -144,7 +144,8 @@ async def change_workflow(d: Drill, *, symbol: str | None = None, skip_verificat
 
         # A second change, approved by two, then rewritten in the database: refused at apply.
         rc, t, err = await _run(d, "change_proposal.sh", "--op", f"throttle:{sym}=2/2", "--actor", PROPOSER,
-                                "--reason", "change-workflow drill: to be tampered with", "--ticket", ticket)
+                                "--reason", "change-workflow drill: to be tampered with", "--ticket", ticket,
+                                "--ttl-sec", "300")
         tampered_ok = rc == 0 and isinstance(t, dict)
         detail: dict[str, Any] = {"propose_rc": rc, "propose_stderr": err}
         if tampered_ok:
