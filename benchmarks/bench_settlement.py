@@ -222,7 +222,7 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
-async def run_async(trades: int, nats_url: str, pg_dsn: str, *, batch_max: int = 1_000, fetch_max: int = 64,
+async def run_async(trades: int, nats_url: str, pg_dsn: str, *, batch_max: int = 500, fetch_max: int = 64,
                     events_per_msg: int = 100, seed: int = 1, live_rate: float | None = None) -> dict[str, Any]:
     """Drain mode (default): publish everything, then time the consumer draining it. Live mode
     (``live_rate`` events/s): the consumer runs while the feed is published at that pace with
@@ -337,7 +337,7 @@ async def run_async(trades: int, nats_url: str, pg_dsn: str, *, batch_max: int =
     return out
 
 
-def run(trades: int = 1_000_000, *, batch_max: int = 1_000, fetch_max: int = 64, events_per_msg: int = 100,
+def run(trades: int = 1_000_000, *, batch_max: int = 500, fetch_max: int = 64, events_per_msg: int = 100,
         seed: int = 1, nats_url: str | None = None, pg_dsn: str | None = None,
         live_rate: float | None = None) -> dict[str, Any]:
     """Start a scratch nats-server + PostgreSQL (unless given), publish the feed, time the drain."""

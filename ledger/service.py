@@ -34,7 +34,7 @@ class LedgerOptions(msgspec.Struct, frozen=True, kw_only=True):
     pg_dsn: str
     evt_stream: str = "EVT"
     durable: str = "ledger"
-    batch_max_events: int = 1_000
+    batch_max_events: int = 500
     fetch_max_msgs: int = 64
     ack_wait_s: float = 30.0
     pool_min: int = 2
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--evt-stream", default="EVT")
     ap.add_argument("--durable", default="ledger")
     ap.add_argument("--probe-port", type=int, default=0)
-    ap.add_argument("--batch-max", type=int, default=1_000)
+    ap.add_argument("--batch-max", type=int, default=500)
     ap.add_argument("--fetch-max", type=int, default=64)
     ap.add_argument("--ack-wait-s", type=float, default=30.0)
     ap.add_argument("--no-reconcile", action="store_true", help="settle only: no lag latch, no alert responses")

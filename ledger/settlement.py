@@ -683,7 +683,7 @@ class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
     durable: str = "ledger"
     subject_prefix: str = "evt"
     fetch_max_msgs: int = 64
-    batch_max_events: int = 1_000
+    batch_max_events: int = 500
     ack_wait_s: float = 30.0
     # nats-py's fetch, once a message has arrived on a waiting pull, waits out the whole timeout for
     # the rest of the batch: keep it short or an idle-then-busy stream pays it as settlement lag.

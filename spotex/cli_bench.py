@@ -64,7 +64,7 @@ def register(main: click.Group) -> None:
 
     @bench.command("settlement")
     @click.option("--trades", default=1_000_000, show_default=True)
-    @click.option("--batch-max", default=1_000, show_default=True, help="Events per PostgreSQL transaction.")
+    @click.option("--batch-max", default=500, show_default=True, help="Events per PostgreSQL transaction.")
     @click.option("--events-per-msg", default=100, show_default=True, help="Events per EVT message.")
     @click.option("--live-rate", type=float, default=None,
                   help="Publish at this many events/s while settling and measure the settlement lag.")

@@ -116,7 +116,7 @@ class EdgeSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 
 
 class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    batch_max: int = 1_000
+    batch_max: int = 500
     lag_warn_seq: int = 100
     lag_throttle_seq: int = 1_000  # T2
     lag_halt_seq: int = 10_000  # T3
