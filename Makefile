@@ -37,6 +37,13 @@ typecheck:
 pytest:
 	$(BIN)/pytest -q
 
+## make safety-case: bundle the newest evidence under build/ into build/safety-case/ (manifest.json, a tarball
+## named by commit, its .sha256) and gate on the required evidence (docs/verification.md); extra flags in
+## SAFETY_CASE_ARGS, e.g. make safety-case SAFETY_CASE_ARGS="--max-age-hours 24 --skip load_regression".
+.PHONY: safety-case
+safety-case: install
+	$(BIN)/spotex safety-case $(SAFETY_CASE_ARGS)
+
 ## make native (optional, needs a C compiler): compile the engine with mypyc, verify it against the
 ## pure-Python reference and stamp it; SPOTEX_ENGINE=native then selects it (docs/engine.md).
 native: install-dev
