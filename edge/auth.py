@@ -32,7 +32,7 @@ import string
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -725,7 +725,8 @@ def require_role(identity: OperatorIdentity, *roles: str) -> None:
 class OperatorKeyStore:
     """Operator keys from config (``security.admin_keys``: hex public key -> roles) and the
     ``operator_keys`` table. Config decides a config key's roles; the table adds keys and can revoke
-    any key, config ones included, without a redeploy."""
+    any key, config ones included, without a redeploy. An active ``jit_grants`` row adds its role to a
+    known key until it expires or is revoked (edge/access.py); a cached identity never outlives a grant."""
 
     def __init__(self, config_keys: Mapping[str, Sequence[str]] | None = None, pool: asyncpg.Pool | None = None,
                  *, cache_ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
@@ -794,10 +795,29 @@ class OperatorKeyStore:
         if hit is not None and hit[0] > self._clock():
             return hit[1]
         ident = await self._load(k)
+        ttl = self._ttl
+        if ident is not None and self._pool is not None:  # JIT grants (edge/access.py): roles until they expire
+            ident, jit_ttl = await self._with_jit(ident)
+            ttl = min(ttl, jit_ttl)
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[k] = (self._clock() + self._ttl, ident)
+        self._cache[k] = (self._clock() + ttl, ident)
         return ident
+
+    async def _with_jit(self, ident: OperatorIdentity) -> tuple[OperatorIdentity, float]:
+        """``ident`` plus the roles of its active JIT grants, and how long (s) that stays true."""
+        assert self._pool is not None
+        now = self._clock_ms()
+        try:
+            rows = await self._pool.fetch(
+                """SELECT role, expires_at_ms FROM jit_grants
+                   WHERE public_key_hex = $1 AND revoked_at_ms IS NULL AND expires_at_ms > $2""", ident.key_hex, now)
+        except asyncpg.UndefinedTableError:  # a database before migration 0007
+            return ident, self._ttl
+        if not rows:
+            return ident, self._ttl
+        ttl = (min(r["expires_at_ms"] for r in rows) - now) / 1000
+        return replace(ident, roles=ident.roles | {r["role"] for r in rows}), ttl
 
     async def _load(self, k: str) -> OperatorIdentity | None:
         row = None
