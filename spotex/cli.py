@@ -392,7 +392,7 @@ def _register_plugins() -> None:
     """Command groups owned by other packages attach themselves here."""
     for mod in ("spotex.cli_core", "spotex.cli_bench", "spotex.cli_drill", "spotex.cli_keys", "spotex.cli_ledger",
                 "spotex.cli_cockpit", "spotex.cli_jobs", "spotex.cli_smoke", "spotex.cli_load", "spotex.cli_admin",
-                "spotex.cli_change", "spotex.cli_policy", "spotex.cli_verify"):
+                "spotex.cli_change", "spotex.cli_policy", "spotex.cli_verify", "spotex.cli_access"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
