@@ -187,6 +187,9 @@ def drill_steps(selected: list[str], data_dir: Path, runbooks_out: Path, eom_tra
                               success, timeout=3600, env=env, evidence_dir=out))
         else:
             steps.append(Step(name, "drill", [str(ROOT / entry)], success, timeout=3600, env=env, evidence_dir=out))
+    for s in steps:  # each drill's own key=value output is kept next to its evidence
+        if s.stdout_to is None and s.not_available is None and s.evidence_dir is not None:
+            s.stdout_to = s.evidence_dir / "factory-stdout.txt"
     return steps
 
 
@@ -235,6 +238,7 @@ def run_step(step: Step) -> StepResult:
             p = ln.split("=", 1)[1].strip()
             if Path(p).exists() and p not in r.evidence:
                 r.evidence.append(p)
+    r.evidence = list(dict.fromkeys(r.evidence))
     r.status = "failed" if reasons else "passed"
     r.reason = "; ".join(reasons) or None
     print(f"step_{step.name}={r.status} exit={r.exit_code} seconds={r.seconds}"
