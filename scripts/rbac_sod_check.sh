@@ -3,9 +3,9 @@
 # effective operator set of the stack in SPOTEX_DATA_DIR (security.admin_keys + operator_keys +
 # active JIT grants). Prints one `violation key=... roles=... rule=...` line per violation and
 # `rbac_sod_ok=true|false`; exit 1 on violations. Evidence: build/access/rbac-sod-<stamp>.json and
-# rbac-sod-latest.json (SPOTEX_ACCESS_OUT overrides the directory). Extra args go to
+# rbac-sod-latest.json (ACCESS_OUT_DIR overrides the directory). Extra args go to
 # `spotex access sod-check` (e.g. --json, --data-dir DIR).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/runbooks/_find_spotex.sh"
-exec "$spotex" access sod-check --out "${SPOTEX_ACCESS_OUT:-$root/build/access}" "$@"
+exec "$spotex" access sod-check --out "${ACCESS_OUT_DIR:-$root/build/access}" "$@"

@@ -111,12 +111,12 @@ def register(main: click.Group) -> None:
     @click.argument("ticket")
     @click.argument("reason")
     @click.argument("duration_minutes")
-    @click.option("--key", "key", envvar="SPOTEX_JIT_KEY", default="",
-                  help="The user's operator public key (hex Ed25519); env SPOTEX_JIT_KEY.")
-    @click.option("--role", envvar="SPOTEX_JIT_ROLE", default="",
-                  help="Role to grant: viewer, operator, approver or admin; env SPOTEX_JIT_ROLE.")
-    @click.option("--actor", envvar="SPOTEX_JIT_ACTOR", default="",
-                  help="The granting admin (recorded on the audit chain); env SPOTEX_JIT_ACTOR.")
+    @click.option("--key", "key", envvar="JIT_OPERATOR_KEY", default="",
+                  help="The user's operator public key (hex Ed25519); env JIT_OPERATOR_KEY.")
+    @click.option("--role", envvar="JIT_ROLE", default="",
+                  help="Role to grant: viewer, operator, approver or admin; env JIT_ROLE.")
+    @click.option("--actor", envvar="JIT_ACTOR", default="",
+                  help="The granting admin (recorded on the audit chain); env JIT_ACTOR.")
     @click.option("--out", default=DEFAULT_OUT, show_default=True, help="Where the binding document goes.")
     @click.option("--json", "as_json", is_flag=True, help="Print the binding document.")
     @stack_options
@@ -127,9 +127,9 @@ def register(main: click.Group) -> None:
         from spotex.cli import fail
 
         if not key.strip():
-            fail("--key (or SPOTEX_JIT_KEY) is required: the operator public key the grant is for")
+            fail("--key (or JIT_OPERATOR_KEY) is required: the operator public key the grant is for")
         if not role.strip():
-            fail("--role (or SPOTEX_JIT_ROLE) is required: viewer, operator, approver or admin")
+            fail("--role (or JIT_ROLE) is required: viewer, operator, approver or admin")
         try:
             check_grant_input(user=user, key=key, role=role.strip(), ticket=ticket, reason=reason,
                               minutes=duration_minutes, actor=actor)

@@ -285,7 +285,7 @@ def test_jit_grant_through_the_signed_admin_api(tmp_path: Path) -> None:
     body = {"reason": "jit test", "ticket": "INC-5", "ttl_s": 60}
     with stack(tmp_path / "stack", env={"SPOTEX_SECURITY__ADMIN_KEYS": json.dumps(cfg)}) as st:
         edge = st.endpoint("edge")
-        env = {**os.environ, **st.env, "SPOTEX_DATA_DIR": str(st.data_dir), "SPOTEX_ACCESS_OUT": str(tmp_path / "ev")}
+        env = {**os.environ, **st.env, "SPOTEX_DATA_DIR": str(st.data_dir), "ACCESS_OUT_DIR": str(tmp_path / "ev")}
         r = _edge_call(edge, keys["a"], body)
         assert r.status_code == 403 and r.json()["code"] == "AUTH_ROLE", r.text
         # Grant through the seed entrypoint: the binding document carries the annotations.
