@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from runbooks.verification_factory import StepResult, build_report
@@ -66,3 +67,14 @@ def test_factory_quick_checks_and_one_drill(tmp_path: Path) -> None:
         assert v["ok"] is True and v["count"] >= 1
     assert json.loads((out / "status-after.json").read_text())["healthy"] is True
     assert json.loads((out / "checks" / "ledger-invariants.json").read_text())["ok"] is True
+
+
+def test_factory_refuses_a_stack_that_is_not_running(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "spotex", "drill", "verification-factory", "--data-dir",
+                          str(tmp_path / "nothing"), "--out", str(tmp_path / "v")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and "no healthy stack" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "v" / "verification-factory-latest.json").exists()
+    res = subprocess.run([sys.executable, "-m", "spotex", "drill", "verification-factory", "--run", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "nope" in res.stderr
