@@ -30,7 +30,6 @@ from core.wire import (
     SymbolMode,
     SymbolModeChanged,
     WithdrawalsHalt,
-    WithdrawalsHaltChanged,
 )
 from edge.app import EdgeState, edge_state, json_response
 from edge.auth import OperatorIdentity
@@ -92,22 +91,36 @@ def _check_core(events: list[Any]) -> None:
             raise order_rejected(str(ev.code), ev.detail or None)
 
 
-@post("/v1/admin/symbols/{symbol:str}/mode", status_code=200, responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
-      summary="SetSymbolMode (operator): NORMAL, CANCEL_ONLY, SOFT_HALT, HARD_HALT")
-async def set_mode(request: Request[Any, Any, Any], symbol: str, data: ModeIn) -> Response[Any]:
+async def _operator_command(request: Request[Any, Any, Any], symbol: str | None, action: str,
+                            params: dict[str, Any], body: AdminIn, cmd: Any,
+                            until_done: Any = None) -> tuple[EdgeState, Any, list[Any]]:
+    """The shape every operator command to the core shares: operator auth, the symbol known, the
+    audit entry appended first (a failure recorded after it), the command submitted and a core
+    rejection raised as its problem. Returns the edge state, the audit entry and the core's events."""
     st = edge_state(request)
     ident = await st.authenticate_operator(request, "operator")
-    _symbol(st, symbol)
+    if symbol is not None:
+        _symbol(st, symbol)
     assert st.core is not None
     core = st.core
 
-    async def act() -> Any:
-        res = await core.submit(SetSymbolMode(symbol=symbol, mode=data.mode, reason=data.reason, ticket=data.ticket),
-                                correlation_for(ident.key_hex, None), symbol=symbol)
+    async def act() -> list[Any]:
+        kw = {} if until_done is None else {"until_done": until_done}
+        res = await core.submit(cmd, correlation_for(ident.key_hex, None), symbol=symbol, **kw)
         _check_core(res.events)
-        return next((e for e in res.events if isinstance(e, SymbolModeChanged)), None)
+        return list(res.events)
 
-    entry, ev = await _audited(st, ident, "SetSymbolMode", {"symbol": symbol, "mode": str(data.mode)}, data, act)
+    entry, events = await _audited(st, ident, action, params, body, act)
+    return st, entry, events
+
+
+@post("/v1/admin/symbols/{symbol:str}/mode", status_code=200, responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
+      summary="SetSymbolMode (operator): NORMAL, CANCEL_ONLY, SOFT_HALT, HARD_HALT")
+async def set_mode(request: Request[Any, Any, Any], symbol: str, data: ModeIn) -> Response[Any]:
+    st, entry, events = await _operator_command(
+        request, symbol, "SetSymbolMode", {"symbol": symbol, "mode": str(data.mode)}, data,
+        SetSymbolMode(symbol=symbol, mode=data.mode, reason=data.reason, ticket=data.ticket))
+    ev = next((e for e in events if isinstance(e, SymbolModeChanged)), None)
     if ev is not None:
         st.modes[symbol] = str(ev.mode)
     return json_response({"symbol": symbol, "mode": str(data.mode),
@@ -118,38 +131,20 @@ async def set_mode(request: Request[Any, Any, Any], symbol: str, data: ModeIn) -
 @post("/v1/admin/symbols/{symbol:str}/cancel-all", status_code=200, responses=ADMIN_ERRORS, security=_SEC,
       tags=["admin"], summary="CancelAll(symbol) (operator): cancel every open order of the market")
 async def admin_cancel_all(request: Request[Any, Any, Any], symbol: str, data: AdminIn) -> Response[Any]:
-    st = edge_state(request)
-    ident = await st.authenticate_operator(request, "operator")
-    _symbol(st, symbol)
-    assert st.core is not None
-    core = st.core
-
-    async def act() -> Any:
-        res = await core.submit(AdminCancelAll(symbol=symbol, reason=data.reason, ticket=data.ticket),
-                                correlation_for(ident.key_hex, None), symbol=symbol,
-                                until_done=lambda e: isinstance(e, (CancelAllDone, CommandRejected)))
-        _check_core(res.events)
-        return sum(e.canceled for e in res.events if isinstance(e, CancelAllDone))
-
-    entry, n = await _audited(st, ident, "CancelAll", {"symbol": symbol}, data, act)
+    _st, entry, events = await _operator_command(
+        request, symbol, "CancelAll", {"symbol": symbol}, data,
+        AdminCancelAll(symbol=symbol, reason=data.reason, ticket=data.ticket),
+        until_done=lambda e: isinstance(e, (CancelAllDone, CommandRejected)))
+    n = sum(e.canceled for e in events if isinstance(e, CancelAllDone))
     return json_response({"symbol": symbol, "canceled": n, "auditSeq": entry.seq})
 
 
 @post("/v1/admin/withdrawals/halt", status_code=200, responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
       summary="WithdrawalsHalt on/off (operator)")
 async def withdrawals_halt(request: Request[Any, Any, Any], data: WithdrawalsHaltIn) -> Response[Any]:
-    st = edge_state(request)
-    ident = await st.authenticate_operator(request, "operator")
-    assert st.core is not None
-    core = st.core
-
-    async def act() -> Any:
-        res = await core.submit(WithdrawalsHalt(on=data.on, reason=data.reason, ticket=data.ticket),
-                                correlation_for(ident.key_hex, None), symbol=None)
-        _check_core(res.events)
-        return next((e for e in res.events if isinstance(e, WithdrawalsHaltChanged)), None)
-
-    entry, _ev = await _audited(st, ident, "WithdrawalsHalt", {"on": data.on}, data, act)
+    st, entry, _events = await _operator_command(
+        request, None, "WithdrawalsHalt", {"on": data.on}, data,
+        WithdrawalsHalt(on=data.on, reason=data.reason, ticket=data.ticket))
     st.withdrawals_halted = data.on
     return json_response({"withdrawalsHalted": data.on, "auditSeq": entry.seq})
 
