@@ -44,6 +44,7 @@ __all__ = [
     "JobResult",
     "anomaly_findings",
     "core_symbol_mode",
+    "dotted_get",
     "evaluate_budgets",
     "lag_policy_target",
     "lag_policy_thresholds",
@@ -556,7 +557,8 @@ async def check_anomaly(ctx: JobContext) -> JobResult:
 # safety budget and evidence freshness
 
 
-def _get(data: Any, dotted: str) -> Any:
+def dotted_get(data: Any, dotted: str) -> Any:
+    """``data['a']['b']`` for ``'a.b'``; KeyError when a part is missing (evidence fields, budgets)."""
     for part in dotted.split("."):
         if not isinstance(data, dict) or part not in data:
             raise KeyError(dotted)
@@ -604,7 +606,7 @@ def evaluate_budgets(budgets: list[dict[str, Any]], roots: list[Path], now: floa
                 res.update(ok=False, reason="EVIDENCE_STALE", recommended_action=f"REFRESH:{b['evidence']}")
             else:
                 try:
-                    value = _get(json.loads(path.read_text()), b["field"])
+                    value = dotted_get(json.loads(path.read_text()), b["field"])
                     res["value"] = value
                     if _holds(value, b.get("op", "=="), b.get("limit")):
                         res.update(ok=True)

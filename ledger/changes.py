@@ -293,6 +293,15 @@ def _state_refusal(p: Proposal, now: int) -> tuple[str, str] | None:
     return None
 
 
+async def _locked(conn: Any, change_id: str, now: int) -> tuple[Proposal | None, tuple[str, str] | None]:
+    """The proposal, row-locked for this transaction, and why no step may be taken on it now
+    (not found, applied, expired, tampered), else None."""
+    p = await _fetch(conn, change_id, lock=True)
+    if p is None:
+        return None, ("CHANGE_NOT_FOUND", f"no change {change_id}")
+    return p, _state_refusal(p, now)
+
+
 async def approve(pool: Any, change_id: str, approver: str, *, now_ms: int | None = None) -> Proposal:
     """Record one approval (for the proposal's current hash) and its ``ChangeApproved`` entry."""
     approver = _actor(approver, "approver")
@@ -300,11 +309,8 @@ async def approve(pool: Any, change_id: str, approver: str, *, now_ms: int | Non
     refusal: tuple[str, str] | None = None
     p: Proposal | None = None
     async with pool.acquire() as conn, conn.transaction():
-        p = await _fetch(conn, change_id, lock=True)
-        if p is None:
-            refusal = ("CHANGE_NOT_FOUND", f"no change {change_id}")
-        else:
-            refusal = _state_refusal(p, now)
+        p, refusal = await _locked(conn, change_id, now)
+        if p is not None:
             if refusal is None and approver == p.proposer:
                 refusal = ("CHANGE_SELF_APPROVAL", f"{approver} proposed {p.id} and cannot approve it")
             if refusal is None and approver in p.approvers():
@@ -501,11 +507,8 @@ async def apply(pool: Any, ex: Exchange | None, change_id: str, actor: str, *, s
     refusal: tuple[str, str] | None = None
     p: Proposal | None = None
     async with pool.acquire() as conn, conn.transaction():
-        p = await _fetch(conn, change_id, lock=True)
-        if p is None:
-            refusal = ("CHANGE_NOT_FOUND", f"no change {change_id}")
-        else:
-            refusal = _state_refusal(p, now)
+        p, refusal = await _locked(conn, change_id, now)
+        if p is not None:
             if refusal is None:
                 good, bad = await _approvals_valid(conn, p)
                 if bad is not None:

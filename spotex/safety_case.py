@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.checks import dotted_get
+
 __all__ = ["REQUIRED", "SOURCES", "Required", "build_safety_case", "check_required", "collect"]
 
 # source name -> globs under the build dir
@@ -77,14 +79,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _get(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            raise KeyError(dotted)
-        data = data[part]
-    return data
-
-
 def _newest(build: Path, pattern: str) -> Path | None:
     files = [Path(p) for p in glob.glob(str(build / pattern), recursive=True) if Path(p).is_file()]
     return max(files, key=lambda p: p.stat().st_mtime) if files else None
@@ -130,10 +124,10 @@ def check_required(build: Path, required: tuple[Required, ...], max_age_s: float
             else:
                 try:
                     data = json.loads(p.read_text())
-                    if req.field is not None and _get(data, req.field) is not True:
-                        row.update(reason="FAILED", detail=f"{req.field}={_get(data, req.field)!r}")
-                    elif req.min_field is not None and not int(_get(data, req.min_field[0])) >= req.min_field[1]:
-                        row.update(reason="FAILED", detail=f"{req.min_field[0]}={_get(data, req.min_field[0])!r} "
+                    if req.field is not None and dotted_get(data, req.field) is not True:
+                        row.update(reason="FAILED", detail=f"{req.field}={dotted_get(data, req.field)!r}")
+                    elif req.min_field is not None and not int(dotted_get(data, req.min_field[0])) >= req.min_field[1]:
+                        row.update(reason="FAILED", detail=f"{req.min_field[0]}={dotted_get(data, req.min_field[0])!r} "
                                                            f"< {req.min_field[1]}")
                     else:
                         row["ok"] = True
