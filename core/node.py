@@ -60,6 +60,7 @@ from core.wire import (
     TradeExecuted,
     decode_request,
     encode_events,
+    market_config_diff,
 )
 
 __all__ = ["JOURNAL_SUBJECT", "CoreNode", "CoreOptions", "FencingError"]
@@ -315,6 +316,7 @@ class CoreNode:
         self.leader_checkpoints: dict[int, str] = {}  # last_seq -> state hash seen on EVT
         self.own_checkpoints: dict[int, str] = {}
         self.divergence: list[dict[str, Any]] = []
+        self.market_mismatch: dict[str, dict[str, list[Any]]] = {}  # symbol -> field -> [engine, configured]
         self.fenced = 0
         self.snapshot_due_at = 0
         self.stopping = asyncio.Event()
@@ -511,8 +513,16 @@ class CoreNode:
                 log.warning("lease renew failed", extra={"error": f"{type(exc).__name__}: {exc}"})
 
     async def ensure_markets(self) -> None:
-        have = {m.symbol for m in self.engine.markets()}
+        have = {m.symbol: m for m in self.engine.markets()}
         missing = [m for m in self.opts.markets if m.symbol not in have]
+        # A configured market the engine already has (from its WAL) with another definition: the
+        # engine keeps its own (a market is defined once); say so loudly, a service mapping decimals
+        # with the configured one would mis-scale orders (`spotex mapping check`, docs/architecture.md).
+        diffs = {m.symbol: market_config_diff(have[m.symbol], m) for m in self.opts.markets if m.symbol in have}
+        self.market_mismatch = {sym: {k: [a, b] for k, (a, b) in d.items()} for sym, d in diffs.items() if d}
+        for sym, diff in self.market_mismatch.items():
+            log.error("configured market differs from the engine's definition; the engine keeps its own",
+                      extra={"symbol": sym, "fields": diff})
         if missing:
             await self.process([(0, "bootstrap", AddMarket(config=m, reason="configured market", ticket="bootstrap"))
                                 for m in missing])
@@ -766,6 +776,7 @@ class CoreNode:
             "last_error": self.last_error,
             "recovered": self.recovered,
             "last_checkpoint": (list(self.own_checkpoints.items())[-1] if self.own_checkpoints else None),
+            "market_mismatch": self.market_mismatch,
         }
 
     def _set_role(self, role: str) -> None:

@@ -26,8 +26,9 @@ it, so it goes negative), ``FEE_ACCOUNT`` (1) collects fees.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -89,6 +90,7 @@ __all__ = [
     "fee_for",
     "lots_to_qty",
     "market_config",
+    "market_config_diff",
     "minor_to_amount",
     "price_to_ticks",
     "qty_to_lots",
@@ -680,6 +682,22 @@ def _factor(size: str, scale: int, what: str) -> int:
     if r or q < 1:
         raise ValueError(f"{what} {size!r} is not a whole number >= 1 of minor units at scale {scale}")
     return int(q)
+
+
+def market_config_diff(ours: MarketConfig, theirs: MarketConfig | Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields where two definitions of one market differ, as ``{field: (ours, theirs)}``; empty when
+    they map prices, quantities and fees the same way. ``theirs`` may be a MarketConfig or its
+    decoded map (a core query answer); a field it lacks counts as a difference."""
+    other = msgspec.structs.asdict(theirs) if isinstance(theirs, MarketConfig) else dict(theirs)
+    out: dict[str, tuple[Any, Any]] = {}
+    for name in MarketConfig.__struct_fields__:
+        a, b = getattr(ours, name), other.get(name, _MISSING)
+        if a != b:
+            out[name] = (a, None if b is _MISSING else b)
+    return out
+
+
+_MISSING = object()
 
 
 def market_config(

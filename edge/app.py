@@ -36,9 +36,9 @@ from litestar.exceptions import (
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from core.wire import MarketConfig, SymbolModeChanged, WithdrawalsHaltChanged
+from core.wire import MarketConfig, SymbolModeChanged, WithdrawalsHaltChanged, market_config_diff
 from edge.auth import (
     KeyStore,
     OperatorIdentity,
@@ -65,6 +65,7 @@ M_LATENCY = Histogram("edge_http_request_seconds", "Edge HTTP request latency by
 M_REQUESTS = Counter("edge_http_requests", "Edge HTTP requests by route and status class",
                      ["method", "route", "status"])
 M_ERRORS = Counter("edge_http_errors", "Edge HTTP error responses by stable code", ["code"])
+M_MAPPING = Gauge("edge_market_mapping_mismatch", "Markets this edge defines differently from the matching engine")
 
 _JSON = msgspec.json.Encoder()
 
@@ -100,6 +101,9 @@ class EdgeState:
     modes: dict[str, str] = field(default_factory=dict)
     throttle: Any = None  # edge.throttle.ThrottleBook: per-symbol new-order throttles (symbol_throttle KV)
     withdrawals_halted: bool | None = None
+    # symbol -> {field: [this edge's, the engine's]}: markets this edge maps differently from the core
+    mapping_mismatch: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    mapping_checked: bool = False
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     _ready_cache: tuple[float, str | None] = (0.0, "starting")
 
@@ -216,7 +220,44 @@ class EdgeState:
             return "core: no leader answering queries"
         if not isinstance(st, dict) or st.get("role") != "leader":
             return f"core: role {st.get('role') if isinstance(st, dict) else '?'}"
+        if not self.mapping_checked and not await self.refresh_mapping():
+            return "core: market definitions not compared yet"
         return None
+
+    def check_mapping(self, symbol: str) -> None:
+        """Refuse a new order or an amend on a market this edge defines differently from the engine
+        (409 MARKET_MAPPING_MISMATCH): its decimal-to-integer conversion would mis-scale the order."""
+        if not self.mapping_checked:
+            raise SpotexError("MARKET_DEFINITIONS_PENDING", detail="the engine's market definitions are not known "
+                              "to this edge yet (the core has not answered)")
+        diff = self.mapping_mismatch.get(symbol)
+        if diff:
+            fields = ", ".join(f"{k} {a!r} here vs {b!r} in the engine" for k, (a, b) in sorted(diff.items()))
+            raise SpotexError("MARKET_MAPPING_MISMATCH", detail=f"{symbol}: {fields}")
+
+    async def refresh_mapping(self) -> bool:
+        """Compare this edge's markets with the engine's (core query ``markets``); False when the
+        core did not answer (nothing learned)."""
+        if self.core is None:
+            return False
+        try:
+            views = await self.core.query("markets", timeout=2.0)
+        except SpotexError:
+            return False
+        engine = {v["symbol"]: v for v in views or [] if isinstance(v, dict) and "symbol" in v}
+        found: dict[str, dict[str, list[Any]]] = {}
+        for sym, m in self.markets.items():
+            if sym in engine:
+                d = market_config_diff(m, engine[sym])
+                if d:
+                    found[sym] = {k: [a, b] for k, (a, b) in d.items()}
+        for sym in set(found) - set(self.mapping_mismatch):
+            log.error("market definition differs from the engine's: new orders refused",
+                      extra={"symbol": sym, "fields": found[sym]})
+        self.mapping_mismatch = found
+        self.mapping_checked = True
+        M_MAPPING.set(len(found))
+        return True
 
     async def symbol_modes(self) -> dict[str, str]:
         """Modes per symbol: learned from the core's book query once, then kept by events."""
@@ -479,10 +520,12 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
             with contextlib.suppress(Exception):
                 await state.hub.start()
         purge = asyncio.create_task(_purge_loop(state))
+        mapping = asyncio.create_task(_mapping_loop(state))
         try:
             yield
         finally:
             purge.cancel()
+            mapping.cancel()
             with contextlib.suppress(Exception):
                 await state.throttle.stop()
             if state.hub is not None:
@@ -538,6 +581,15 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
         debug=False,
     )
     return app
+
+
+async def _mapping_loop(state: EdgeState) -> None:
+    """Learn the engine's market definitions as soon as the core answers, then re-check each minute."""
+    while True:
+        ok = False
+        with contextlib.suppress(Exception):
+            ok = await state.refresh_mapping()
+        await asyncio.sleep(60 if ok else 1)
 
 
 async def _purge_loop(state: EdgeState) -> None:

@@ -160,6 +160,13 @@ register("FOK_UNFILLABLE", 422, "Fill-or-kill unfillable", "The order cannot fil
 register("UNKNOWN_SYMBOL", 422, "Unknown symbol", "The symbol in the request is not a listed market.")
 register("MARKET_HALTED", 409, "Market halted", "The market is SOFT_HALT or HARD_HALT; no new orders.")
 register("CANCEL_ONLY", 409, "Market is cancel-only", "The market accepts cancels only.")
+register("MARKET_DEFINITIONS_PENDING", 503, "Market definitions not compared yet",
+         "This edge has not yet compared its market definitions with the engine's (the core has not answered); "
+         "the order was not sent. Retry shortly.")
+register("MARKET_MAPPING_MISMATCH", 409, "Market definition mismatch",
+         "This edge's definition of the market (tick, lot, scales, fees) differs from the matching engine's, so "
+         "it cannot convert prices and quantities safely: new orders and amends are refused, cancels pass, "
+         "until the configuration is fixed (spotex mapping check).")
 register("DUPLICATE_CLIENT_ORDER_ID", 409, "Duplicate client order id",
          "An open or recent order of this account already uses the clientOrderId.")
 register("ORDER_NOT_FOUND", 404, "Order not found", "No such order for this account.")

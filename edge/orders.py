@@ -305,6 +305,7 @@ async def find_order(st: EdgeState, account_id: int, *, order_id: int | None = N
 
 async def place_order(st: EdgeState, principal_account: int, body: PlaceOrderIn, corr: str) -> OrderOut:
     assert st.core is not None
+    st.check_mapping(body.symbol)  # before converting with a definition the engine does not share
     cmd = parse_place(st, body, principal_account)
     if st.throttle is not None:  # per-symbol new-order throttle (edge.throttle): 429 SYMBOL_THROTTLED
         st.throttle.check(cmd.symbol)
@@ -430,6 +431,7 @@ async def amend_order(request: Request[Any, Any, Any], order_id: int, data: Amen
         if v["status"] in _TERMINAL:
             raise SpotexError("ORDER_ALREADY_CLOSED", detail=f"the order is {v['status']}")
         m = _market(st, v["symbol"])
+        st.check_mapping(m.symbol)
         try:
             q = qty_to_lots(data.quantity, m) if data.quantity is not None else None
             pr = price_to_ticks(data.price, m) if data.price is not None else None

@@ -143,6 +143,17 @@ def register(main: click.Group) -> None:
 
         _run("idempotency-latch-failure", data_dir, out, fn, symbol=symbol, concurrent=concurrent)
 
+    @drill.command("mapping-integrity-failure")
+    @click.option("--out", default=None, help="Evidence directory (default build/runbooks/mapping-integrity-failure).")
+    @click.option("--symbol", default=None, help="The market to drift (default: the first configured).")
+    def mapping_integrity_failure(out: str | None, symbol: str | None) -> None:
+        """Seed §4.0: a market's lot size drifted between the configuration and the engine: caught by
+        `spotex mapping check` before deploy; deployed anyway, the edge refuses the market's new
+        orders (409 MARKET_MAPPING_MISMATCH); repaired. Runs on a private stack (it rewrites its config)."""
+        from runbooks.mapping_drill import run
+
+        sys.exit(0 if run(out, symbol) else 1)
+
     @drill.command("load-regression")
     @_common
     @click.option("--scale", default=1.0, show_default=True, type=float,

@@ -1,4 +1,4 @@
-"""``spotex export verify``, ``spotex faultproxy``, ``spotex jobs list|run``.
+"""``spotex export verify``, ``spotex mapping check``, ``spotex faultproxy``, ``spotex jobs list|run``.
 
 Exit codes: 0 ok, 1 a check found a problem (missing events, a violation), 2 bad usage.
 """
@@ -91,6 +91,41 @@ def register(main: click.Group) -> None:
                            "its backlog is 0", err=True)
             click.echo(f"export_verify_ok={'true' if rep['ok'] else 'false'}")
         sys.exit(0 if rep["ok"] else 1)
+
+    @main.group("mapping")
+    def mapping() -> None:
+        """One definition of every market across the engine, the edge, the ledger and the config."""
+
+    @mapping.command("check")
+    @stack_options
+    @click.option("--json", "as_json", is_flag=True)
+    def mapping_check(data_dir: str | None, config: str | None, as_json: bool) -> None:
+        """Compare the configuration's markets (tick, lot, scales, fees) with the engine's definitions,
+        the running edge's and the ledger's (a config about to be deployed: pass it with --config)."""
+        from jobs.mapping import mapping_report
+
+        cfg, data, ep = _env(data_dir, config)
+        try:
+            edge_url: str | None = ep.probe_url("edge")
+        except KeyError:
+            edge_url = None
+        rep = asyncio.run(mapping_report(cfg, nats_url=ep.nats_url, pg_dsn=ep.pg_dsn, edge_url=edge_url))
+        ev = data.root / "evidence" / "mapping"
+        ev.mkdir(parents=True, exist_ok=True)
+        (ev / "mapping-check-latest.json").write_text(json.dumps(rep, indent=2, sort_keys=True, default=str))
+        if as_json:
+            click.echo(json.dumps(rep, indent=2, sort_keys=True, default=str))
+        else:
+            for m in rep["mismatches"]:
+                click.echo(f"mapping_mismatch={m['where']}:{m['symbol']}:{m['field']} "
+                           f"config={m['config']!r} {m['where']}={m['other']!r}")
+            for k, v in sorted(rep["sources"].items()):
+                if v != "ok":
+                    click.echo(f"spotex: {k} {v}", err=True)
+            click.echo(f"mapping_markets={len(rep['markets'])} mapping_pending={len(rep['pending'])}")
+            click.echo(f"recommended_action={rep['recommended_action']}")
+            click.echo(f"mapping_integrity_ok={'true' if rep['mapping_integrity_ok'] else 'false'}")
+        sys.exit(0 if rep["mapping_integrity_ok"] else 1)
 
     @main.group("faultproxy", invoke_without_command=False)
     def faultproxy() -> None:

@@ -288,3 +288,16 @@ def test_market_config_is_frozen_and_round_trips() -> None:
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(CFG), type=MarketConfig) == CFG
     with pytest.raises(AttributeError):
         CFG.symbol = "X"  # type: ignore[misc]
+
+
+def test_market_config_diff_names_the_fields_that_map_differently() -> None:
+    from core.wire import market_config, market_config_diff
+
+    a = market_config("BTC-USDT", "BTC", "USDT", base_scale=8, quote_scale=8, tick_size="0.01", lot_size="0.00001")
+    assert market_config_diff(a, a) == {}
+    assert market_config_diff(a, msgspec.structs.asdict(a)) == {}  # the decoded core answer
+    b = market_config("BTC-USDT", "BTC", "USDT", base_scale=8, quote_scale=8, tick_size="0.01", lot_size="0.0001")
+    assert market_config_diff(a, b) == {"lot_size": ("0.00001", "0.0001"), "base_per_lot": (1000, 10000),
+                                        "quote_per_tick_lot": (10, 100)}
+    partial = {k: v for k, v in msgspec.structs.asdict(a).items() if k != "taker_fee_bps"}
+    assert market_config_diff(a, partial) == {"taker_fee_bps": (0, None)}
