@@ -215,15 +215,19 @@ def test_unknown_keys_are_limited_per_ip_over_http(edge_env: Env) -> None:
         _assert_429(denied, 2 * IP_RATE)
         assert "ip rate limit" in denied.json()["detail"]
         # While the IP's bucket is empty, everything from it is refused before any signature work,
-        # a valid key included (docs/security.md section 4). The bucket refills at IP_RATE/s while
-        # we ask, so a valid key may be served only as often as a token came back: at most
-        # elapsed * IP_RATE + 1 of these (on a quick machine none), every other one the IP's 429.
-        t0 = time.monotonic()
-        rs = [edge_env.req(valid, "GET", "/v1/account/balances", client=c) for _ in range(10)]
-        elapsed = time.monotonic() - t0
-        served = [r for r in rs if r.status_code == 200]
-        refused = [r for r in rs if r.status_code != 200]
-        assert len(served) <= elapsed * IP_RATE + 1, (elapsed, [r.status_code for r in rs])
+        # a valid key included (docs/security.md section 4). A valid key is charged to its own bucket,
+        # not the IP's, so it is served again as soon as the IP's bucket holds a token; the guessing
+        # (one unknown key before each try) keeps that bucket at empty, and a valid key sent then is
+        # refused with the IP's 429. Every answer is either served or that 429.
+        answers = []
+        for _ in range(50):
+            edge_env.req(fake, "GET", "/v1/account/balances", client=c)
+            r = edge_env.req(valid, "GET", "/v1/account/balances", client=c)
+            answers.append(r)
+            if r.status_code == 429:
+                break
+        refused = [r for r in answers if r.status_code != 200]
+        assert refused, [r.status_code for r in answers]
         assert all(r.status_code == 429 and r.json()["code"] == "RATE_LIMITED" and "ip rate limit" in r.json()["detail"]
                    for r in refused), [r.text for r in refused]
     # The same valid key from another address is served: the guessing did not touch its bucket.
