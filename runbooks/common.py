@@ -67,6 +67,24 @@ class Drill:
         path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
         return path
 
+    def conclude(self, summary_file: str, ok_key: str, steps: dict[str, bool], order: tuple[str, ...],
+                 action: str, success_line: str, **extra: Any) -> bool:
+        """The end of a step-by-step drill: the summary (``ok_key``, per-step results, failed steps,
+        ``recommended_action`` and ``extra``) and the lines ``<ok_key without _ok>_<step>=``,
+        ``failed_step_count=``, ``recommended_action=`` and the success line. Returns the verdict."""
+        failed = [k for k in order if not steps.get(k)]
+        ok = not failed
+        self.write(summary_file, {ok_key: ok, "recommended_action": action,
+                                  "steps": {k: bool(steps.get(k)) for k in order}, "failed_steps": failed,
+                                  "failed_step_count": len(failed), **extra})
+        prefix = ok_key.removesuffix("_ok")
+        for k in order:
+            self.emit(f"{prefix}_{k}", bool(steps.get(k)))
+        self.emit("failed_step_count", len(failed))
+        self.emit("recommended_action", action)
+        self.emit(success_line, ok)
+        return ok
+
     def component(self, name: str) -> dict[str, Any]:
         state = self.data.read_state() or {}
         return dict((state.get("components") or {}).get(name) or {})

@@ -273,17 +273,10 @@ async def idempotency_latch_failure(d: Drill, symbol: str | None = None, concurr
         action = "BLOCK_ORDER_RETRIES_INVESTIGATE_IDEMPOTENCY"
     else:
         action = "KEEP_LATCH_ENGAGED_INVESTIGATE_RECONCILER"
-    summary = {"idempotency_latch_ok": ok, "recommended_action": action, "symbol": sym, "ticket": ticket,
-               "steps": {k: bool(steps.get(k)) for k in STEPS}, "failed_steps": failed,
-               "failed_step_count": len(failed), "probes": probes, "timeline": timeline,
-               "stack_healthy_before": before.get("healthy"), "stack_healthy_after": after.get("healthy")}
-    d.write("idempotency-latch-summary.json", summary)
-    for k in STEPS:
-        d.emit(f"idempotency_latch_{k}", bool(steps.get(k)))
-    d.emit("failed_step_count", len(failed))
-    d.emit("recommended_action", action)
-    d.emit("runbook_idempotency_latch_failure_ok", ok)
-    return ok
+    return d.conclude("idempotency-latch-summary.json", "idempotency_latch_ok", steps, STEPS, action,
+                      "runbook_idempotency_latch_failure_ok", symbol=sym, ticket=ticket, probes=probes,
+                      timeline=timeline, stack_healthy_before=before.get("healthy"),
+                      stack_healthy_after=after.get("healthy"))
 
 
 async def _funded(trader: Trader, d: Drill) -> bool:

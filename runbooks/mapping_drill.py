@@ -150,18 +150,10 @@ async def mapping_integrity_failure(d: Drill, config_file: Path, symbol: str | N
     action = "NONE" if ok else ("BLOCK_DEPLOYS_INVESTIGATE_MAPPING_CHECK" if "detected_before_deploy" in failed
                                 else "HALT_MARKET_INVESTIGATE_EDGE_GUARD" if "edge_refuses_drifted_market" in failed
                                 else "INVESTIGATE")
-    summary = {"mapping_integrity_ok": ok, "recommended_action": action,
-               "steps": {k: bool(steps.get(k)) for k in STEPS},
-               "failed_steps": failed, "failed_step_count": len(failed), "probes": probes, "timeline": timeline,
-               "config_file": str(config_file), "stack_healthy_before": before.get("healthy"),
-               "stack_healthy_after": after.get("healthy")}
-    d.write("mapping-integrity-summary.json", summary)
-    for k in STEPS:
-        d.emit(f"mapping_integrity_{k}", bool(steps.get(k)))
-    d.emit("failed_step_count", len(failed))
-    d.emit("recommended_action", action)
-    d.emit("runbook_mapping_integrity_failure_ok", ok)
-    return ok
+    return d.conclude("mapping-integrity-summary.json", "mapping_integrity_ok", steps, STEPS, action,
+                      "runbook_mapping_integrity_failure_ok", probes=probes, timeline=timeline,
+                      config_file=str(config_file), stack_healthy_before=before.get("healthy"),
+                      stack_healthy_after=after.get("healthy"))
 
 
 def run(out: str | None, symbol: str | None) -> bool:
