@@ -316,7 +316,7 @@ class CoreNode:
         self.leader_checkpoints: dict[int, str] = {}  # last_seq -> state hash seen on EVT
         self.own_checkpoints: dict[int, str] = {}
         self.divergence: list[dict[str, Any]] = []
-        self.market_mismatch: dict[str, dict[str, list[Any]]] = {}  # symbol -> field -> [engine, configured]
+        self.market_mismatch: dict[str, dict[str, tuple[Any, Any]]] = {}  # symbol -> field -> (engine, configured)
         self.fenced = 0
         self.snapshot_due_at = 0
         self.stopping = asyncio.Event()
@@ -519,7 +519,7 @@ class CoreNode:
         # engine keeps its own (a market is defined once); say so loudly, a service mapping decimals
         # with the configured one would mis-scale orders (`spotex mapping check`, docs/architecture.md).
         diffs = {m.symbol: market_config_diff(have[m.symbol], m) for m in self.opts.markets if m.symbol in have}
-        self.market_mismatch = {sym: {k: [a, b] for k, (a, b) in d.items()} for sym, d in diffs.items() if d}
+        self.market_mismatch = {sym: d for sym, d in diffs.items() if d}
         for sym, diff in self.market_mismatch.items():
             log.error("configured market differs from the engine's definition; the engine keeps its own",
                       extra={"symbol": sym, "fields": diff})

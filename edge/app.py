@@ -101,8 +101,8 @@ class EdgeState:
     modes: dict[str, str] = field(default_factory=dict)
     throttle: Any = None  # edge.throttle.ThrottleBook: per-symbol new-order throttles (symbol_throttle KV)
     withdrawals_halted: bool | None = None
-    # symbol -> {field: [this edge's, the engine's]}: markets this edge maps differently from the core
-    mapping_mismatch: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    # symbol -> {field: (this edge's, the engine's)}: markets this edge maps differently from the core
+    mapping_mismatch: dict[str, dict[str, tuple[Any, Any]]] = field(default_factory=dict)
     mapping_checked: bool = False
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     _ready_cache: tuple[float, str | None] = (0.0, "starting")
@@ -220,7 +220,7 @@ class EdgeState:
             return "core: no leader answering queries"
         if not isinstance(st, dict) or st.get("role") != "leader":
             return f"core: role {st.get('role') if isinstance(st, dict) else '?'}"
-        if not self.mapping_checked and not await self.refresh_mapping():
+        if not self.mapping_checked:  # _mapping_loop compares as soon as the core answers
             return "core: market definitions not compared yet"
         return None
 
@@ -245,12 +245,8 @@ class EdgeState:
         except SpotexError:
             return False
         engine = {v["symbol"]: v for v in views or [] if isinstance(v, dict) and "symbol" in v}
-        found: dict[str, dict[str, list[Any]]] = {}
-        for sym, m in self.markets.items():
-            if sym in engine:
-                d = market_config_diff(m, engine[sym])
-                if d:
-                    found[sym] = {k: [a, b] for k, (a, b) in d.items()}
+        diffs = {sym: market_config_diff(m, engine[sym]) for sym, m in self.markets.items() if sym in engine}
+        found = {sym: d for sym, d in diffs.items() if d}
         for sym in set(found) - set(self.mapping_mismatch):
             log.error("market definition differs from the engine's: new orders refused",
                       extra={"symbol": sym, "fields": found[sym]})

@@ -84,6 +84,16 @@ async def _run(d: Drill, script: str, *args: str) -> tuple[int, Any, str]:
     return await asyncio.to_thread(_sh, d, script, *args)
 
 
+async def _approve_by_both(d: Drill, change_id: str, detail: dict[str, Any]) -> bool:
+    """Both APPROVERS approve through the seed script; each one's answer goes into ``detail``."""
+    ok = True
+    for who in APPROVERS:
+        rc, _, err = await _run(d, "change_approve.sh", change_id, "--actor", who)
+        ok = ok and rc == 0
+        detail[f"approve_{who}"] = err or rc
+    return ok
+
+
 def _refused(rc: int, err: str, code: str) -> bool:
     return rc == 1 and f"spotex: {code}:" in err
 
@@ -150,10 +160,7 @@ async def change_workflow(d: Drill, *, symbol: str | None = None, skip_verificat
         detail: dict[str, Any] = {"propose_rc": rc, "propose_stderr": err}
         if tampered_ok:
             ids["tampered"] = t["id"]
-            for who in APPROVERS:
-                rca, _, erra = await _run(d, "change_approve.sh", t["id"], "--actor", who)
-                tampered_ok = tampered_ok and rca == 0
-                detail[f"approve_{who}"] = erra or rca
+            tampered_ok = await _approve_by_both(d, t["id"], detail)
             forged = [{"kind": "set_throttle", "symbol": sym, "orders_per_s": 1_000_000, "burst": 1_000_000}]
             await pool.execute("UPDATE change_proposals SET ops = $2 WHERE id = $1", t["id"], json.dumps(forged))
             thr_before = await changes.operator_throttle(ex, sym)
@@ -240,10 +247,7 @@ async def _revert(d: Drill, ex: Any, steps: dict[str, dict[str, Any]], ids: dict
     detail.update(propose_rc=rc, propose_stderr=err)
     if ok:
         ids["revert"] = p["id"]
-        for who in APPROVERS:
-            rca, _, erra = await _run(d, "change_approve.sh", p["id"], "--actor", who)
-            ok = ok and rca == 0
-            detail[f"approve_{who}"] = erra or rca
+        ok = await _approve_by_both(d, p["id"], detail)
         rc, done, err = await _run(d, "apply_change.sh", p["id"], "--actor", APPLIER, *skip_flag)
         after = await changes.read_state(ex, applied["ops"])
         ok = ok and rc == 0 and isinstance(done, dict) and done.get("state") == "verified" and after == before

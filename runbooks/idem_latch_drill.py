@@ -103,6 +103,9 @@ async def idempotency_latch_failure(d: Drill, symbol: str | None = None, concurr
         r = await trader.req("GET", f"/v1/orders/open?symbol={sym}")
         return len(r.json()) if r.status_code == 200 else -1
 
+    async def lag_zero() -> bool:
+        return await lag() == 0
+
     async def lag() -> int:
         return int((await lag_report(pool, js, d.cfg.nats.evt_stream)).get(sym, {}).get("lag", -1))
 
@@ -226,7 +229,7 @@ async def idempotency_latch_failure(d: Drill, symbol: str | None = None, concurr
                                                 and still["mode"] == "CANCEL_ONLY" and mode_after_kill == "CANCEL_ONLY")
         mark("ledger_kill9", ok=steps["latch_survives_ledger_kill9"])
 
-        caught_up = await wait_until(lambda: _zero(lag), 60, None, 0.3)
+        caught_up = await wait_until(lag_zero, 60, None, 0.3)
         done = await release(list(APPROVERS), "two_approvers")
         normal = await mode_is("NORMAL")
         latched = not done["ok"]
@@ -286,10 +289,6 @@ async def _funded(trader: Trader, d: Drill) -> bool:
     quotes = {m.quote for m in d.cfg.markets}
     have = {b["asset"] for b in r.json().get("balances", []) if Decimal(b.get("available", "0")) > 0}
     return quotes <= have
-
-
-async def _zero(lag: Any) -> bool:
-    return bool(await lag() == 0)
 
 
 def _double(qty: str) -> str:
