@@ -80,9 +80,12 @@ def register(main: click.Group) -> None:
     @click.option("--clients", default=10_000, show_default=True)
     @click.option("--sample", default=100, show_default=True, help="Connections that parse and time every frame.")
     @click.option("--step-s", default=3.0, show_default=True, help="Seconds per offered-rate step.")
+    @click.option("--drain-ms", default=1000.0, show_default=True,
+                  help="Unsampled connections are drained by a sweep over this period instead of epoll "
+                       "(stand-ins for remote clients); 0 = every connection event-driven.")
     @click.option("--json", "as_json", is_flag=True)
-    def bench_ws(clients: int, sample: int, step_s: float, as_json: bool) -> None:
+    def bench_ws(clients: int, sample: int, step_s: float, drain_ms: float, as_json: bool) -> None:
         """WebSocket fan-out: N subscribers (3 symbols, trades + book) on one edge process, loopback."""
         from benchmarks.bench_ws import run
 
-        _print(run(clients, sample=sample, step_s=step_s))
+        _print(run(clients, sample=sample, step_s=step_s, drain_ms=drain_ms))
