@@ -8,6 +8,11 @@ trade against them, 10% cancels of the connection's own resting orders (a cancel
 order already filled, 404/409, is an answer, not an error). Latency is request start to response
 end at the client. The client is ``benchmarks/httpload.py`` (one prepared write per request), not
 httpx, whose ~1 ms of client CPU per request made the client the bottleneck on this machine.
+
+``cpu_ms_per_order`` is each stack component's CPU time over the run (the process and its live
+children, e.g. PostgreSQL's backends) divided by the orders, plus ``stack`` (their sum) and
+``client`` (this process): the figure that does not depend on what else the machine runs, and
+whose sum says what rate two cores can carry at all.
 """
 
 from __future__ import annotations
@@ -30,6 +35,34 @@ def _pct(xs: list[float], p: float) -> float:
         return 0.0
     s = sorted(xs)
     return s[min(len(s) - 1, int(p * len(s)))]
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live descendants; 0 if it is gone."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def cpu_per_order(pids: dict[str, int], before: dict[str, float], orders: int,
+                  client_s: float) -> dict[str, float]:
+    """CPU ms per order by component since ``before`` (from ``{name: _cpu_s(pid)}``)."""
+    out = {name: round((_cpu_s(pid) - before[name]) * 1000 / max(1, orders), 3) for name, pid in pids.items()}
+    out["stack"] = round(sum(out.values()), 3)
+    out["client"] = round(client_s * 1000 / max(1, orders), 3)
+    return out
 
 
 async def drive(edge: str, nats_url: str, keys: list[dict[str, Any]], orders: int, concurrency: int,
@@ -133,9 +166,16 @@ def run(orders: int, concurrency: int, rate: float | None = None, data_dir: str 
             # Rate limits are per key; the benchmark measures the pipeline, not the limiter.
             st = es.enter_context(stack(Path(tmp) / "stack", env={"SPOTEX_EDGE__RATE_LIMIT_PER_S": "1000000",
                                                                    "SPOTEX_EDGE__RATE_LIMIT_BURST": "1000000"}))
-        comps = {c["name"]: c["endpoint"] for c in st.status()["components"]}
+        components = st.status()["components"]
+        comps = {c["name"]: c["endpoint"] for c in components}
+        pids = {c["name"]: int(c["pid"]) for c in components if c.get("pid") and not c.get("external")}
         keys = []
         for acct in (900_001, 900_002, 900_003, 900_004):
             res = st.cli("keys", "create", "--account", str(acct), "--scopes", "read,trade", "--json", check=True)
             keys.append(json.loads(res.stdout))
-        return asyncio.run(drive(comps["edge"], comps["nats"], keys, orders, concurrency, rate))
+        before = {name: _cpu_s(pid) for name, pid in pids.items()}
+        c0 = time.process_time()
+        out = asyncio.run(drive(comps["edge"], comps["nats"], keys, orders, concurrency, rate))
+        # Funding (a few deposits) is inside the window: negligible next to thousands of orders.
+        out["cpu_ms_per_order"] = cpu_per_order(pids, before, orders, time.process_time() - c0)
+        return out
