@@ -24,7 +24,8 @@ from typing import Any
 
 import asyncpg
 
-from edge.auth import OPERATOR_ROLES, _raw_public, load_public_key
+from core.keys import load_public_key, raw_public_key
+from edge.auth import OPERATOR_ROLES
 from ledger import audit
 
 __all__ = [
@@ -99,7 +100,7 @@ def _now_ms() -> int:
 
 def _key_hex(key: str) -> str:
     try:
-        return _raw_public(load_public_key(key.strip())).hex()
+        return raw_public_key(load_public_key(key.strip())).hex()
     except (ValueError, TypeError) as exc:
         raise AccessError(f"--key must be an operator's Ed25519 public key (64 hex digits): {exc}") from None
 
@@ -181,7 +182,7 @@ async def load_operator_keys(conn: Any, config_keys: Mapping[str, Sequence[str]]
     """Every configured and stored operator key, revoked ones included (``revoked_at_ms`` set)."""
     out: dict[str, OperatorKeyRow] = {}
     for key, roles in (config_keys or {}).items():
-        k = _raw_public(load_public_key(key)).hex()
+        k = raw_public_key(load_public_key(key)).hex()
         out[k] = OperatorKeyRow(k, f"op-{k[:12]}", "config", frozenset(roles))
     for r in await conn.fetch("SELECT public_key_hex, name, roles, created_at_ms, revoked_at_ms FROM operator_keys"):
         k = r["public_key_hex"]

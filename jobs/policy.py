@@ -26,8 +26,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from core.keys import load_public_key, raw_public_key
 
 __all__ = [
     "MANIFEST",
@@ -82,12 +83,8 @@ class PolicyError(Exception):
         return {"file": self.file, "code": self.code, "reason": self.reason, "detail": self.detail}
 
 
-def _raw(pub: Ed25519PublicKey) -> bytes:
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
 def key_id(pub: Ed25519PublicKey) -> str:
-    return hashlib.sha256(_raw(pub)).hexdigest()[:16]
+    return hashlib.sha256(raw_public_key(pub)).hexdigest()[:16]
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
@@ -107,26 +104,12 @@ def trusted_keys(cfg: Any, extra: list[str] | tuple[str, ...] = ()) -> dict[str,
     keys = list(getattr(cfg.security, "policy_signer_keys", []) or []) if cfg is not None else []
     out: dict[str, Ed25519PublicKey] = {}
     for k in [*keys, *extra]:
-        pub = load_public_key(k)
+        try:
+            pub = load_public_key(k)
+        except ValueError as exc:
+            raise ValueError(f"policy signer key {k.strip()[:20]!r}: {exc}") from None
         out[key_id(pub)] = pub
     return out
-
-
-def load_public_key(value: str) -> Ed25519PublicKey:
-    """An Ed25519 public key from 64 hex characters or PEM (the operator key formats)."""
-    text = value.strip()
-    if text.startswith("-----BEGIN"):
-        key = serialization.load_pem_public_key(text.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("PEM key is not an Ed25519 public key")
-        return key
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raise ValueError(f"policy signer key {text[:20]!r} is not 64 hex characters or PEM") from None
-    if len(raw) != 32:
-        raise ValueError(f"policy signer key {text[:20]!r} is not 32 bytes")
-    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def _sha256(path: Path) -> str:
@@ -158,7 +141,8 @@ def sign_bundle(bundle: str | Path, files: list[str], key: Ed25519PrivateKey, si
     body = _canonical(manifest)
     (root / MANIFEST).write_bytes(body)
     pub = key.public_key()
-    sig = {"alg": "ed25519", "key_id": key_id(pub), "public_key": _raw(pub).hex(), "signature": key.sign(body).hex()}
+    sig = {"alg": "ed25519", "key_id": key_id(pub), "public_key": raw_public_key(pub).hex(),
+           "signature": key.sign(body).hex()}
     out = Path(sig_out) if sig_out else root / SIGNATURE
     out.write_text(json.dumps(sig, indent=2, sort_keys=True) + "\n")
     return {**sig, "manifest": str(root / MANIFEST), "signature_file": str(out), "files": entries}
