@@ -38,11 +38,11 @@ from typing import Any, Literal, Protocol
 
 import asyncpg
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client import Counter
 
+from core.keys import load_public_key, raw_public_key
 from edge.errors import BinanceError, SpotexError
 from spotex.config import EdgeSection, SecuritySection
 
@@ -195,33 +195,6 @@ def _decode_signature(sig: str, kind: KeyKind) -> bytes | None:
     except (binascii.Error, ValueError):
         return None
     return raw if len(raw) == 64 else None
-
-
-def load_public_key(value: bytes | str | Ed25519PublicKey) -> Ed25519PublicKey:
-    """An Ed25519 public key from raw 32 bytes, 64 hex characters or PEM."""
-    if isinstance(value, Ed25519PublicKey):
-        return value
-    if isinstance(value, str):
-        v = value.strip()
-        if v.startswith("-----BEGIN"):
-            value = v.encode()
-        else:
-            try:
-                value = bytes.fromhex(v)
-            except ValueError:
-                raise ValueError("Ed25519 public key must be 64 hex characters or PEM") from None
-    if value.startswith(b"-----BEGIN"):
-        key = serialization.load_pem_public_key(value)
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("PEM key is not an Ed25519 public key")
-        return key
-    if len(value) != 32:
-        raise ValueError("Ed25519 public key must be 32 bytes")
-    return Ed25519PublicKey.from_public_bytes(value)
-
-
-def _raw_public(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _parse_ts(ts: str) -> int | None:
@@ -433,7 +406,7 @@ class KeyStore:
             kid, blob = self._box.encrypt(secret.encode(), api_key.encode())
         else:
             kind = "ed25519"
-            pub = _raw_public(load_public_key(ed25519_public_key))
+            pub = raw_public_key(load_public_key(ed25519_public_key))
         await self._pool.execute(
             """INSERT INTO api_keys (api_key, account_id, kind, scopes, label, secret_enc, enc_key_id, public_key,
                                      created_at_ms)
@@ -733,7 +706,7 @@ class OperatorKeyStore:
                  clock_ms: Callable[[], int] = _now_ms) -> None:
         self._config: dict[str, frozenset[str]] = {}
         for key, roles in (config_keys or {}).items():
-            hexkey = _raw_public(load_public_key(key)).hex()
+            hexkey = raw_public_key(load_public_key(key)).hex()
             self._config[hexkey] = _check_roles(roles)
         self._pool = pool
         self._ttl = cache_ttl_s
@@ -752,7 +725,7 @@ class OperatorKeyStore:
         r = _check_roles(roles)
         if not name.strip():
             raise ValueError("operator key needs a name")
-        hexkey = _raw_public(load_public_key(public_key)).hex()
+        hexkey = raw_public_key(load_public_key(public_key)).hex()
         await self._pool.execute(
             """INSERT INTO operator_keys (public_key_hex, name, roles, created_at_ms) VALUES ($1, $2, $3, $4)
                ON CONFLICT (public_key_hex) DO UPDATE
@@ -766,7 +739,7 @@ class OperatorKeyStore:
     async def revoke(self, public_key_hex: str) -> bool:
         if self._pool is None:
             raise RuntimeError("operator keys can only be revoked with a database")
-        hexkey = _raw_public(load_public_key(public_key_hex)).hex()
+        hexkey = raw_public_key(load_public_key(public_key_hex)).hex()
         done = await self._pool.fetchval(
             """INSERT INTO operator_keys (public_key_hex, name, roles, created_at_ms, revoked_at_ms)
                VALUES ($1, 'revoked-config-key', '{}', $2, $2)
