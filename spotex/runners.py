@@ -48,6 +48,7 @@ async def run_core(ctx: ServiceContext) -> None:
         cmd_persist=cfg.nats.cmd_persist,
         markets=market_configs(cfg),
         query_subject=cfg.core.query_subject,
+        freeze_heap=True,
     )
     node = CoreNode(opts)
 

@@ -73,6 +73,12 @@ def test_up_status_down_and_data_survives_restart(data_dir: Path) -> None:
         nats_url = st.endpoint("nats")
         dsn = st.endpoint("postgres")
         asyncio.run(_write_marks(nats_url, dsn))
+        # The serving core froze its heap after recovery and again on taking the lease (the standby
+        # only after recovery): no full GC pass over the recovered state on the order path.
+        for name, reasons in (("core", ["recovered", "leader"]), ("core-standby", ["recovered"])):
+            lines = [json.loads(ln) for ln in (data_dir / "logs" / f"{name}.log").read_text().splitlines()
+                     if ln.startswith("{")]
+            assert [ln["reason"] for ln in lines if ln.get("msg") == "heap frozen"] == reasons, name
         # A second supervisor on the same data dir is refused, not started twice.
         again = st.cli("up", "--detach", "--no-demo", timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr
