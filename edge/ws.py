@@ -67,6 +67,7 @@ from edge.marketdata import (
     ticker_json,
     trade_json,
 )
+from spotex.config import EdgeSection
 
 __all__ = ["PRIVATE_CHANNELS", "PUBLIC_CHANNELS", "LocalEdge", "WsHub", "WsLimits", "ws_frame"]
 
@@ -96,29 +97,35 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
 
+_CFG = EdgeSection()  # the defaults of the edge.ws_* configuration, the one place they are set
+
+
 class WsLimits(msgspec.Struct, frozen=True, kw_only=True):
-    max_connections_per_ip: int = 200
-    max_subscriptions: int = 50
-    commands_per_s: float = 20.0
-    commands_burst: int = 50
-    heartbeat_s: float = 10.0
-    flush_ms: float = 5.0
-    conflate_ms: float = 250.0
-    lag_bytes: int = 1 << 20  # backlog that makes a connection LAGGING
-    sndbuf_bytes: int = 256 << 10  # kernel send buffer per connection (0 = the OS default, autotuned)
-    resume_bytes: int = 64 << 10  # backlog below which it recovers
-    slow_close_s: float = 5.0
-    slow_episodes: int = 3
-    close_grace_s: float = 5.0  # a closing client has this long to read its backlog + Shutdown + close frame
-    ring_frames: int = 4_096  # resume buffer per channel
-    fallback_queue: int = 2_048  # frames, when the raw transport is not available
+    """The hub's limits; ``from_config`` takes each from the ``edge.ws_<name>`` config field. The
+    defaults are the config's (docs/ws.md, "Limits and errors")."""
+
+    max_connections_per_ip: int = _CFG.ws_max_connections_per_ip
+    max_subscriptions: int = _CFG.ws_max_subscriptions
+    commands_per_s: float = _CFG.ws_commands_per_s
+    commands_burst: int = _CFG.ws_commands_burst
+    heartbeat_s: float = _CFG.ws_heartbeat_s
+    flush_ms: float = _CFG.ws_flush_ms
+    conflate_ms: float = _CFG.ws_conflate_ms
+    lag_bytes: int = _CFG.ws_lag_bytes  # backlog that makes a connection LAGGING
+    sndbuf_bytes: int = _CFG.ws_sndbuf_bytes  # kernel send buffer per connection (0 = the OS default, autotuned)
+    resume_bytes: int = _CFG.ws_resume_bytes  # backlog below which it recovers
+    slow_close_s: float = _CFG.ws_slow_close_s
+    slow_episodes: int = _CFG.ws_slow_episodes
+    close_grace_s: float = _CFG.ws_close_grace_s  # a closing client's time to read its backlog + Shutdown + close
+    ring_frames: int = _CFG.ws_ring_frames  # resume buffer per channel
+    fallback_queue: int = 2_048  # frames, when the raw transport is not available (not configurable)
     # Sockets written straight from the flush (os.write, GIL released) by the loop thread plus this
     # many helper threads, so the kernel's per-send work runs on several cores; 0 = one core only.
-    write_threads: int = 1
-    direct_min: int = 1_024  # connections in one flush before the helper threads are used
-    default_depth: int = 50
-    overload_depth: int = 20
-    overload: bool = False
+    write_threads: int = _CFG.ws_write_threads
+    direct_min: int = 1_024  # connections in one flush before the helper threads are used (not configurable)
+    default_depth: int = _CFG.ws_default_depth
+    overload_depth: int = _CFG.ws_overload_depth
+    overload: bool = _CFG.ws_overload_mode
 
     @classmethod
     def from_config(cls, cfg: Any) -> WsLimits:

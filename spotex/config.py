@@ -7,6 +7,7 @@ names the key instead of a setting silently ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import types
@@ -113,6 +114,22 @@ class EdgeSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     ws_overload_mode: bool = False
     ws_default_depth: int = 50
     ws_overload_depth: int = 20
+    # WebSocket limits (edge/ws.py WsLimits reads every ws_* field; docs/ws.md "Limits and errors").
+    ws_max_connections_per_ip: int = 200
+    ws_max_subscriptions: int = 50
+    ws_commands_per_s: float = 20.0  # ops per connection, token bucket
+    ws_commands_burst: int = 50
+    ws_heartbeat_s: float = 10.0
+    ws_flush_ms: float = 5.0  # a flush waits this long for a batch to form
+    ws_conflate_ms: float = 250.0  # ticker/candles (and the book in overload) at most this often
+    ws_lag_bytes: int = 1 << 20  # backlog that makes a connection LAGGING (trades then get Missed)
+    ws_resume_bytes: int = 64 << 10  # backlog below which a lagging connection recovers
+    ws_sndbuf_bytes: int = 256 << 10  # kernel send buffer per connection (0 = the OS default)
+    ws_slow_close_s: float = 5.0  # lagging this long in one episode: closed 4001 SLOW_CONSUMER
+    ws_slow_episodes: int = 3  # or this many lagging episodes within a minute
+    ws_close_grace_s: float = 5.0
+    ws_ring_frames: int = 4_096  # RESUME buffer per channel
+    ws_write_threads: int = 1  # helper threads writing sockets beside the event loop (0 = none)
 
 
 class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -273,6 +290,14 @@ def _parse_env_value(name: str, raw: str, target: Any) -> Any:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if target is float:
+        try:
+            v = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"{name}: expected a finite number, got {raw!r}")
+        return v
     if origin in (list, dict):
         try:
             return msgspec.json.decode(raw)
@@ -350,6 +375,28 @@ def _validate(cfg: Config) -> None:
         for a in (m.base, m.quote):
             if a not in assets:
                 raise ConfigError(f"markets.{m.symbol}: asset {a!r} is not declared in [[assets]]")
+    _validate_ws(cfg.edge)
+
+
+# edge.ws_* fields and the smallest value each accepts (ws_flush_ms 0 = no batching wait).
+_WS_MIN: dict[str, float] = {
+    "ws_default_depth": 1, "ws_overload_depth": 1, "ws_max_connections_per_ip": 1, "ws_max_subscriptions": 1,
+    "ws_commands_burst": 1, "ws_lag_bytes": 1, "ws_resume_bytes": 0, "ws_sndbuf_bytes": 0,
+    "ws_slow_episodes": 1, "ws_close_grace_s": 0, "ws_ring_frames": 1, "ws_write_threads": 0, "ws_flush_ms": 0,
+}
+_WS_POSITIVE = ("ws_commands_per_s", "ws_heartbeat_s", "ws_conflate_ms", "ws_slow_close_s")
+
+
+def _validate_ws(edge: EdgeSection) -> None:
+    for key, low in _WS_MIN.items():
+        if getattr(edge, key) < low:
+            raise ConfigError(f"edge.{key}: must be >= {low:g}, got {getattr(edge, key)!r}")
+    for key in _WS_POSITIVE:
+        if not getattr(edge, key) > 0:
+            raise ConfigError(f"edge.{key}: must be > 0, got {getattr(edge, key)!r}")
+    if edge.ws_resume_bytes >= edge.ws_lag_bytes:
+        raise ConfigError(f"edge.ws_resume_bytes ({edge.ws_resume_bytes}) must be below edge.ws_lag_bytes "
+                          f"({edge.ws_lag_bytes}): a lagging connection recovers under the mark that made it lag")
 
 
 _SECRET_KEYS = ("dsn", "token", "secret", "password", "webhook_url")

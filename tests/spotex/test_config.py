@@ -23,6 +23,21 @@ def test_toml_then_env_override(tmp_path: Path) -> None:
     assert cfg.postgres.dsn == "postgresql://u:pw@db.internal/x"
 
 
+def test_float_fields_take_env_overrides_and_ws_limits_come_from_config(tmp_path: Path) -> None:
+    from edge.ws import WsLimits
+
+    f = tmp_path / "c.toml"
+    f.write_text("[edge]\nws_max_connections_per_ip = 5\nws_ring_frames = 64\n")
+    cfg = load_config(f, environ={"SPOTEX_LEDGER__LAG_BREACH_S": "2.5", "SPOTEX_EDGE__WS_COMMANDS_PER_S": "7",
+                                  "SPOTEX_EDGE__WS_SLOW_EPISODES": "9", "SPOTEX_EDGE__WS_OVERLOAD_MODE": "true"})
+    assert cfg.ledger.lag_breach_s == 2.5
+    lim = WsLimits.from_config(cfg)
+    assert (lim.max_connections_per_ip, lim.ring_frames, lim.commands_per_s, lim.slow_episodes, lim.overload) == (
+        5, 64, 7.0, 9, True)
+    # Unset fields keep the config's defaults, which are WsLimits' own defaults.
+    assert WsLimits.from_config(load_config(None, environ={})) == WsLimits()
+
+
 def test_config_is_frozen() -> None:
     cfg = Config()
     with pytest.raises(AttributeError):
@@ -39,6 +54,11 @@ def test_config_is_frozen() -> None:
         ("", {"SPOTEX_EDGE__PORT": "abc"}, "SPOTEX_EDGE__PORT"),
         ("", {"SPOTEX_DEMO__ENABLED": "maybe"}, "SPOTEX_DEMO__ENABLED"),
         ("env = 'staging'\n", {}, "$.env"),
+        ("", {"SPOTEX_LEDGER__LAG_BREACH_S": "soon"}, "SPOTEX_LEDGER__LAG_BREACH_S: expected a number"),
+        ("", {"SPOTEX_EDGE__WS_COMMANDS_PER_S": "nan"}, "SPOTEX_EDGE__WS_COMMANDS_PER_S: expected a finite number"),
+        ("[edge]\nws_commands_per_s = 0\n", {}, "edge.ws_commands_per_s: must be > 0"),
+        ("[edge]\nws_max_subscriptions = 0\n", {}, "edge.ws_max_subscriptions: must be >= 1"),
+        ("[edge]\nws_resume_bytes = 2048\nws_lag_bytes = 1024\n", {}, "edge.ws_resume_bytes (2048) must be below"),
         ("[[markets]]\nsymbol='X-Y'\nbase='X'\nquote='Y'\ntick_size='1'\nlot_size='1'\nmin_notional='1'\n", {},
          "asset 'X'"),
     ],
