@@ -688,6 +688,14 @@ class WsHub:
         key = self._key(conn, req, op)
         if key is None:
             return
+        backlog = conn.backlog()
+        if conn.lagging or backlog > self.limits.lag_bytes:
+            # The answer (a Snapshot, or a RESUME replay of up to ring_frames frames) is written at once,
+            # past the flush's backpressure: a client that does not read could otherwise make the server
+            # buffer a replay per command until the slow-consumer close. It can retry once it has read.
+            self._error(conn, "BACKLOG_FULL", f"{backlog} bytes unread on this connection (limit "
+                        f"{self.limits.lag_bytes}); {op} is answered once they are read", op)
+            return
         if key not in conn.subs and len(conn.subs) >= self.limits.max_subscriptions:
             self._error(conn, "TOO_MANY_SUBSCRIPTIONS", f"at most {self.limits.max_subscriptions} per connection", op)
             return

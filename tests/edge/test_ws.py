@@ -179,6 +179,53 @@ async def test_lagging_client_gets_missed_then_resumes_from_buffer() -> None:
         await ws.close()
 
 
+async def test_sub_and_resume_are_refused_while_the_backlog_is_full() -> None:
+    # A client that stops reading and keeps asking for replays must not make the server buffer them.
+    async with Edge(lag_bytes=32 << 10, resume_bytes=4 << 10, slow_close_s=30, slow_episodes=100,
+                    ring_frames=100_000) as e:
+        feed = SyntheticFeed(e.md)
+        ws = await websockets.connect(e.edge.ws_url, max_queue=1, max_size=None)
+        await ws.send(json.dumps({"op": "SUB", "channel": "trades", "symbol": "BTC-USDT"}))
+        await _until(lambda: len(e.hub.conns) == 1 and any(c.subs for c in e.hub.conns), what="subscription")
+        for _ in range(100):
+            feed.trades(1000, per_msg=200)
+            await asyncio.sleep(0.02)
+            if any(c.lagging for c in e.hub.conns):
+                break
+        conn = next(iter(e.hub.conns))
+        assert conn.lagging
+        before = conn.backlog()
+        refused = e.hub.stats.get("frames_out", 0)
+        for op in ({"op": "RESUME", "channel": "trades", "symbol": "BTC-USDT", "lastSeq": 0},
+                   {"op": "SUB", "channel": "book", "symbol": "BTC-USDT", "depth": 200}):
+            await ws.send(json.dumps(op))
+        await asyncio.sleep(0.3)
+        # Two Error frames (~200 bytes each) were added, not a replay of thousands of trades or a book.
+        assert conn.backlog() - before < 2_000, (before, conn.backlog())
+        assert e.hub.stats["frames_out"] - refused == 2
+        assert ("book", "BTC-USDT", 200) not in conn.subs
+        errors: list[dict[str, Any]] = []
+
+        async def drain() -> None:
+            while len(errors) < 2:
+                f = await _recv_json(ws)
+                if f["type"] == "Error":
+                    errors.append(f["data"])
+
+        await asyncio.wait_for(drain(), 30)
+        assert [(x["code"], x["op"]) for x in errors] == [("BACKLOG_FULL", "RESUME"), ("BACKLOG_FULL", "SUB")]
+        # Once read (the flush recovers it), the same RESUME is answered from the ring.
+        await _until(lambda: not conn.lagging, what="recovery")
+        await ws.send(json.dumps({"op": "RESUME", "channel": "trades", "symbol": "BTC-USDT", "lastSeq": feed.seq - 5}))
+        got: list[int] = []
+        while len(got) < 5:
+            f = await _recv_json(ws, 15)
+            if f["type"] == "TradeExecuted" and f["seq"] > feed.seq - 5:
+                got.append(f["seq"])
+        assert got == list(range(feed.seq - 4, feed.seq + 1))
+        await ws.close()
+
+
 async def test_resume_gap_sends_missed_then_snapshot_and_counts() -> None:
     from prometheus_client import REGISTRY
 
