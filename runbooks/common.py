@@ -124,10 +124,24 @@ class Drill:
         return {"pid": pid, "at": at, "restarted_after_s": round(time.time() - at, 2), "status_after_restart": status}
 
 
+def _keep_logs(data_dir: Path, out: Path, prefix: str) -> None:
+    """Copy a private stack's service logs into the evidence directory before the stack is deleted."""
+    import shutil
+
+    logs = data_dir / "logs"
+    for log in sorted(logs.glob("*.log")) if logs.exists() else []:
+        with contextlib.suppress(OSError):
+            shutil.copy2(log, out / f"{prefix}{log.name}")
+
+
 @contextlib.contextmanager
 def drill_stack(name: str, data_dir: str | None = None, out_dir: str | None = None,
                 config: str | None = None) -> Iterator[Drill]:
-    """Use the stack running on ``data_dir``, or start a fresh one (no demo) in a temp dir."""
+    """Use the stack running on ``data_dir``, or start a fresh one (no demo) in a temp dir. A fresh
+    stack's service logs are kept in the evidence directory (``stack-logs/``) when it is torn down,
+    so a failed drill can be diagnosed after its stack is gone."""
+    import shutil
+
     out = Path(out_dir or os.environ.get("SPOTEX_RUNBOOK_OUT") or f"build/runbooks/{name}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(config or os.environ.get("SPOTEX_CONFIG"))
@@ -141,11 +155,7 @@ def drill_stack(name: str, data_dir: str | None = None, out_dir: str | None = No
         d = Path(own)
         res = _cli(d, "up", "--detach", "--no-demo")
         if res.returncode != 0:
-            import shutil
-
-            logs = d / "logs"
-            for log in sorted(logs.glob("*.log")) if logs.exists() else []:
-                shutil.copy2(log, out / f"failed-start-{log.name}")
+            _keep_logs(d, out, "failed-start-")
             shutil.rmtree(own, ignore_errors=True)
             raise SystemExit(f"spotex: could not start a stack for the drill: {res.stderr.strip()} "
                              f"(logs copied to {out})")
@@ -154,8 +164,8 @@ def drill_stack(name: str, data_dir: str | None = None, out_dir: str | None = No
     finally:
         if own is not None:
             _cli(d, "down")
-            import shutil
-
+            (out / "stack-logs").mkdir(exist_ok=True)
+            _keep_logs(d, out / "stack-logs", "")
             shutil.rmtree(own, ignore_errors=True)
 
 

@@ -23,6 +23,8 @@ def test_core_kill_recover(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "ev" / "core-kill-recover-summary.json").read_text())
     assert summary["commands_acked"] > 0 and summary["core_recovery_seq"] > 0
     assert (tmp_path / "ev" / "status-before.json").exists() and (tmp_path / "ev" / "status-after.json").exists()
+    # The drill's private stack is gone, its service logs are kept with the evidence.
+    assert '"msg":"recovered"' in (tmp_path / "ev" / "stack-logs" / "core.log").read_text()
 
 
 def test_split_brain_is_fenced(tmp_path: Path) -> None:
