@@ -833,6 +833,6 @@ class CoreNode:
             with contextlib.suppress(Exception):
                 self.wal.close()
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+            with contextlib.suppress(Exception):  # TimeoutError included: a stopping node does not wait on NATS
+                await asyncio.wait_for(self.nc.close(), 5.0)
         self._set_role("stopped")

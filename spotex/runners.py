@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import io
 import logging
+import os
 import signal
+import threading
 from typing import TYPE_CHECKING, Any
 
 from spotex.config import market_configs
@@ -17,7 +21,7 @@ from spotex.config import market_configs
 if TYPE_CHECKING:
     from spotex.cli import ServiceContext
 
-__all__ = ["market_configs", "run_core", "run_core_standby"]
+__all__ = ["market_configs", "run_core", "run_core_standby", "shutdown_watchdog"]
 
 log = logging.getLogger("spotex.runners")
 
@@ -26,6 +30,47 @@ def _stop_on_signals(stop: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+
+
+# A stopping core (fenced, lease lost, SIGTERM) that has not exited after this long is stuck.
+SHUTDOWN_GRACE_S = 10.0
+
+
+def shutdown_watchdog(loop: asyncio.AbstractEventLoop, grace_s: float, *, code: int = 4) -> threading.Timer:
+    """A timer (start it when the service begins to stop) that ends the process if it is still
+    running ``grace_s`` later: a fenced or deposed core must exit so that the supervisor restarts it
+    as a standby, and a hung shutdown would keep its WAL lock and leave the exchange without a
+    failover candidate. Before exiting it logs the stack of every pending asyncio task (when the
+    loop still answers) and of every thread (faulthandler, to stderr: the component's log), so the
+    hang can be diagnosed. The WAL needs nothing more: every acknowledged record was fdatasync'ed,
+    and a torn tail is what recovery already truncates."""
+
+    def fire() -> None:
+        log.error("shutdown still running after the grace period: exiting", extra={"grace_s": grace_s, "code": code})
+        answered = threading.Event()
+
+        def dump_tasks() -> None:
+            try:
+                for t in asyncio.all_tasks(loop):
+                    buf = io.StringIO()
+                    t.print_stack(limit=12, file=buf)
+                    log.error("pending task at shutdown", extra={"task": t.get_name(), "stack": buf.getvalue()})
+            finally:
+                answered.set()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed already
+            loop.call_soon_threadsafe(dump_tasks)
+        answered.wait(2.0)
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(all_threads=True)
+        for h in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                h.flush()
+        os._exit(code)
+
+    timer = threading.Timer(grace_s, fire)
+    timer.daemon = True
+    return timer
 
 
 async def run_core(ctx: ServiceContext) -> None:
@@ -64,9 +109,18 @@ async def run_core(ctx: ServiceContext) -> None:
                         extra_routes={"/status": status})
     await probe.start()
     _stop_on_signals(node.stopping.set)
+    watchdog = shutdown_watchdog(asyncio.get_running_loop(), SHUTDOWN_GRACE_S)
+
+    async def arm() -> None:  # not cancelled on return: it also covers the interpreter's own shutdown
+        await node.stopping.wait()
+        watchdog.start()
+
+    arming = asyncio.create_task(arm())
     try:
         await node.run()
     finally:
+        node.stopping.set()  # also when run() raised
+        await arming  # the watchdog runs from here on
         with contextlib.suppress(Exception):
             await probe.stop()
     if node.fenced or node.last_error:
