@@ -138,6 +138,24 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+async def _stop_tasks(tasks: list[asyncio.Task[Any]], timeout: float = 2.0) -> None:
+    """Cancel ``tasks`` and wait for them, but not forever. A cancellation can be lost: Python 3.11's
+    ``asyncio.wait_for`` (inside nats-py's requests) swallows one that races the completion of what it
+    waits for, and a loop that suppresses the request's errors then runs on with the task marked
+    "cancelling". This was seen as a fenced leader that never exited (``_poll_depth`` still sleeping,
+    its caller awaiting it). Tasks still running after ``timeout`` are logged and left behind."""
+    for t in tasks:
+        t.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in done:
+        if not t.cancelled():
+            t.exception()  # retrieved: a stopping node does not re-raise a stage's error here
+    if pending:
+        log.warning("tasks did not stop when cancelled", extra={"tasks": sorted(t.get_name() for t in pending)})
+
+
 def _freeze_heap(reason: str) -> None:
     """Collect once, then move everything alive (the recovered books and balances, the imported
     modules) out of the cyclic GC's generations. A full collection then walks only what was allocated
@@ -565,8 +583,8 @@ class CoreNode:
                              max_ack_pending=20_000, max_deliver=-1)
         psub = await self.js.pull_subscribe(">", durable="core", stream=self.opts.cmd_stream, config=cfg)
         queue: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=_PREFETCH)
-        depth_task = asyncio.create_task(self._poll_depth(psub))
-        fetch_task = asyncio.create_task(self._fetch_loop(psub, queue))
+        depth_task = asyncio.create_task(self._poll_depth(psub), name="core-depth")
+        fetch_task = asyncio.create_task(self._fetch_loop(psub, queue), name="core-fetch")
         publishing: asyncio.Task[None] | None = None
         try:
             while not self.stopping.is_set():
@@ -587,18 +605,11 @@ class CoreNode:
                     await self._publish_and_ack(staged, msgs)
                     await self.maybe_snapshot()
                 else:
-                    publishing = asyncio.create_task(self._publish_and_ack(staged, msgs))
+                    publishing = asyncio.create_task(self._publish_and_ack(staged, msgs), name="core-publish")
             if publishing is not None:
                 await publishing
         finally:
-            fetch_task.cancel()
-            depth_task.cancel()
-            if publishing is not None and not publishing.done():
-                publishing.cancel()
-            for t in (fetch_task, depth_task, publishing):
-                if t is not None:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await t
+            await _stop_tasks([t for t in (fetch_task, depth_task, publishing) if t is not None])
 
     async def _fetch_loop(self, psub: Any, queue: asyncio.Queue[list[Any]]) -> None:
         while not self.stopping.is_set():
@@ -622,7 +633,7 @@ class CoreNode:
             await m.ack()
 
     async def _poll_depth(self, psub: Any) -> None:
-        while True:
+        while not self.stopping.is_set():  # not only cancel(): see _stop_tasks
             with contextlib.suppress(Exception):
                 info = await psub.consumer_info()
                 M_QUEUE.set(info.num_pending + info.num_ack_pending)
