@@ -522,22 +522,20 @@ class CoreNode:
     async def run_leader(self) -> None:
         assert self.lease is not None and self.lease.token is not None
         await self.become_leader(self.lease.token)
-        renew = asyncio.create_task(self._renew_loop())
+        renew = asyncio.create_task(self._renew_loop(), name="core-renew")
         query_sub = await self.nc.subscribe(self.opts.query_subject, queue="core-query", cb=self._on_query)
         try:
             await self.ensure_markets()
             await self._consume()
         finally:
-            renew.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await renew
+            await _stop_tasks([renew])
             with contextlib.suppress(Exception):
                 await query_sub.unsubscribe()
 
     async def _renew_loop(self) -> None:
         assert self.lease is not None
         interval = self.opts.lease_ttl_ms / 3000
-        while True:
+        while not self.stopping.is_set():  # not only cancel(): see _stop_tasks
             await asyncio.sleep(interval)
             try:
                 await self.lease.renew()
