@@ -133,20 +133,28 @@ async def test_slow_consumer_is_closed_with_4001_after_shutdown_frame() -> None:
         assert len(e.hub.conns) == 0
 
 
+def _lagging_edge() -> Edge:
+    return Edge(lag_bytes=32 << 10, resume_bytes=4 << 10, slow_close_s=30, slow_episodes=100, ring_frames=100_000)
+
+
+async def _lag(e: Edge, feed: SyntheticFeed) -> None:
+    """Trades until the (only) connection, which is not reading, is LAGGING."""
+    for _ in range(100):
+        feed.trades(1000, per_msg=200)
+        await asyncio.sleep(0.02)
+        if any(c.lagging for c in e.hub.conns):
+            break
+    assert any(c.lagging for c in e.hub.conns)
+
+
 async def test_lagging_client_gets_missed_then_resumes_from_buffer() -> None:
-    async with Edge(lag_bytes=32 << 10, resume_bytes=4 << 10, slow_close_s=30, slow_episodes=100,
-                    ring_frames=100_000) as e:
+    async with _lagging_edge() as e:
         feed = SyntheticFeed(e.md)
         ws = await websockets.connect(e.edge.ws_url, max_queue=1, max_size=None)
         await ws.send(json.dumps({"op": "SUB", "channel": "trades", "symbol": "BTC-USDT"}))
         snap = await _recv_json(ws)
         assert snap["type"] == "Snapshot" and snap["seq"] == 0
-        for _ in range(100):
-            feed.trades(1000, per_msg=200)
-            await asyncio.sleep(0.02)
-            if any(c.lagging for c in e.hub.conns):
-                break
-        assert any(c.lagging for c in e.hub.conns)
+        await _lag(e, feed)
         feed.trades(500)
         await asyncio.sleep(0.1)
         frames: list[dict[str, Any]] = []
@@ -181,19 +189,13 @@ async def test_lagging_client_gets_missed_then_resumes_from_buffer() -> None:
 
 async def test_sub_and_resume_are_refused_while_the_backlog_is_full() -> None:
     # A client that stops reading and keeps asking for replays must not make the server buffer them.
-    async with Edge(lag_bytes=32 << 10, resume_bytes=4 << 10, slow_close_s=30, slow_episodes=100,
-                    ring_frames=100_000) as e:
+    async with _lagging_edge() as e:
         feed = SyntheticFeed(e.md)
         ws = await websockets.connect(e.edge.ws_url, max_queue=1, max_size=None)
         await ws.send(json.dumps({"op": "SUB", "channel": "trades", "symbol": "BTC-USDT"}))
         await _until(lambda: len(e.hub.conns) == 1 and any(c.subs for c in e.hub.conns), what="subscription")
-        for _ in range(100):
-            feed.trades(1000, per_msg=200)
-            await asyncio.sleep(0.02)
-            if any(c.lagging for c in e.hub.conns):
-                break
+        await _lag(e, feed)
         conn = next(iter(e.hub.conns))
-        assert conn.lagging
         before = conn.backlog()
         refused = e.hub.stats.get("frames_out", 0)
         for op in ({"op": "RESUME", "channel": "trades", "symbol": "BTC-USDT", "lastSeq": 0},
