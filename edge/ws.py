@@ -98,6 +98,7 @@ _dec = msgspec.json.Decoder()
 
 
 _CFG = EdgeSection()  # the defaults of the edge.ws_* configuration, the one place they are set
+_CONFIG_KEY = {"overload": "ws_overload_mode"}  # every other limit <name> is the key edge.ws_<name>
 
 
 class WsLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,21 +130,17 @@ class WsLimits(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_config(cls, cfg: Any) -> WsLimits:
-        """From an EdgeSection (or a Config with ``.edge``); missing ``ws_*`` fields keep defaults."""
+        """From a Config (or its EdgeSection); a limit without a config key keeps its default."""
         if cfg is None:
             return cls()
         if isinstance(cfg, WsLimits):
             return cfg
         edge = getattr(cfg, "edge", cfg)
         kw: dict[str, Any] = {}
-        for f in cls.__struct_fields__:
-            for name in (f"ws_{f}", f):
-                if name in ("overload", "ws_overload"):
-                    name = "ws_overload_mode"
-                v = getattr(edge, name, None)
-                if v is not None and not callable(v):
-                    kw[f] = v
-                    break
+        for f in cls.__struct_fields__:  # fallback_queue and direct_min have no config key
+            v = getattr(edge, _CONFIG_KEY.get(f, f"ws_{f}"), None)
+            if v is not None:
+                kw[f] = v
         return cls(**kw)
 
 
@@ -688,13 +685,13 @@ class WsHub:
         key = self._key(conn, req, op)
         if key is None:
             return
-        backlog = conn.backlog()
-        if conn.lagging or backlog > self.limits.lag_bytes:
+        backlog, mark = conn.backlog(), self._lag_mark(conn)
+        if conn.lagging or backlog > mark:
             # The answer (a Snapshot, or a RESUME replay of up to ring_frames frames) is written at once,
             # past the flush's backpressure: a client that does not read could otherwise make the server
             # buffer a replay per command until the slow-consumer close. It can retry once it has read.
-            self._error(conn, "BACKLOG_FULL", f"{backlog} bytes unread on this connection (limit "
-                        f"{self.limits.lag_bytes}); {op} is answered once they are read", op)
+            self._error(conn, "BACKLOG_FULL", f"{backlog} unread on this connection (limit {mark}); "
+                        f"{op} is answered once they are read", op)
             return
         if key not in conn.subs and len(conn.subs) >= self.limits.max_subscriptions:
             self._error(conn, "TOO_MANY_SUBSCRIPTIONS", f"at most {self.limits.max_subscriptions} per connection", op)
@@ -1184,7 +1181,7 @@ class WsHub:
                 if now - conn.lag_since > lim.slow_close_s:
                     self._slow(conn)
                 return backlog
-        elif backlog > (lim.lag_bytes if conn.transport is not None else lim.fallback_queue // 2):
+        elif backlog > self._lag_mark(conn):
             self._set_lagging(conn, now)
             self._drop(conn, seqs)
             recent = sum(1 for t in conn.lag_times if now - t < 60)
@@ -1215,6 +1212,12 @@ class WsHub:
         WS_FRAMES.inc(n)
         WS_WRITES.inc()
         return backlog
+
+    def _lag_mark(self, conn: _Conn) -> int:
+        """The backlog (``_Conn.backlog``: bytes on a raw transport, frames in the fallback queue)
+        above which a connection is LAGGING."""
+        lim = self.limits
+        return lim.lag_bytes if conn.transport is not None else lim.fallback_queue // 2
 
     def _set_lagging(self, conn: _Conn, now: float) -> None:
         if not conn.lagging:
