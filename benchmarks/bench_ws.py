@@ -266,6 +266,12 @@ class _Sweeper:
     def __init__(self, conns: list[_Conn], period_s: float, slices: int = 100) -> None:
         self.fds = [(c, c.transport.get_extra_info("socket").fileno()) for c in conns]
         self.period_s, self.slices = period_s, slices
+        self.task = asyncio.create_task(self.run())
+
+    def stop(self) -> None:
+        """No more sweeps; whatever is still unread is read now."""
+        self.task.cancel()
+        self.drain(self.fds)
 
     @staticmethod
     def drain(part: list[tuple[_Conn, int]]) -> None:
@@ -305,7 +311,6 @@ async def _load(port: int, clients: int, sample: int, lines: asyncio.Queue[dict[
         await asyncio.wait_for(asyncio.gather(*futs), 60)
     connect_s = time.monotonic() - t0
     sweeper = _Sweeper([c for c in conns if c.swept], drain_ms / 1000) if drain_ms > 0 else None
-    sweep_task = asyncio.create_task(sweeper.run()) if sweeper else None
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     steps: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
@@ -316,9 +321,8 @@ async def _load(port: int, clients: int, sample: int, lines: asyncio.Queue[dict[
             break
         steps.append(line)
     await asyncio.sleep(0.5)
-    if sweeper is not None and sweep_task is not None:
-        sweep_task.cancel()
-        sweeper.drain(sweeper.fds)
+    if sweeper is not None:
+        sweeper.stop()
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     received = sum(c.bytes for c in conns)
     for c in conns:
