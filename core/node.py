@@ -72,6 +72,8 @@ JOURNAL_STREAM = "SEQ"
 JOURNAL_SUBJECT = "seq.journal"
 WRONG_LAST_SEQUENCE = 10071  # JetStream API error: Nats-Expected-Last-Subject-Sequence mismatch
 
+M_CMD_WAIT = Histogram("core_cmd_wait_seconds", "A command's time in CMD: stored by JetStream to sequenced",
+                       buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0))
 M_QUEUE = Gauge("core_queue_depth", "Commands waiting in the CMD consumer")
 M_LOOP = Histogram("core_loop_seconds", "One batch through sequence, apply, journal, WAL, publish, ack",
                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
@@ -639,8 +641,11 @@ class CoreNode:
 
     def decode_batch(self, msgs: list[Any]) -> list[tuple[int, str, Command]]:
         items: list[tuple[int, str, Command]] = []
+        now = time.time()
         for m in msgs:
-            src = int(m.metadata.sequence.stream)
+            md = m.metadata
+            M_CMD_WAIT.observe(now - md.timestamp.timestamp())
+            src = int(md.sequence.stream)
             if self.state.seen(src):
                 M_REDELIVERED.inc()
                 continue

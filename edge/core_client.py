@@ -239,12 +239,16 @@ class CoreClient:
         try:
             try:
                 ack = await self.js.publish_async(cmd_subject(symbol), encode_request(cmd),
-                                                  headers={"Nats-Msg-Id": correlation_id}, wait_stall=self.timeout_s)
+                                                  headers={"Nats-Msg-Id": correlation_id}, wait_stall=self._stall())
             except Exception as exc:
                 raise SpotexError("UNAVAILABLE", detail="the command bus is not available",
                                   execution_status="NOT_EXECUTED") from exc
+            # A timer on the waiter's own future, awaited directly: asyncio.wait_for(shield(fut))
+            # costs two more trips through the event loop between the event's arrival and this
+            # task's wakeup, and each trip is a whole loop iteration (milliseconds) on a busy edge.
+            timer = loop.call_later(self.timeout_s, _expire, w.fut)
             try:
-                events = await asyncio.wait_for(asyncio.shield(w.fut), self.timeout_s)
+                events = await w.fut
             except TimeoutError:
                 M_TIMEOUTS.inc()
                 pub_failed = ack.done() and not ack.cancelled() and ack.exception() is not None
@@ -256,6 +260,7 @@ class CoreClient:
                                          "have executed: look it up by clientOrderId or retry with the same "
                                          "Idempotency-Key") from None
             finally:
+                timer.cancel()
                 if not ack.done():
                     ack.add_done_callback(_swallow)
                 else:
@@ -266,6 +271,18 @@ class CoreClient:
         finally:
             self._waiters.pop(correlation_id, None)
             M_INFLIGHT.dec()
+
+    def _stall(self) -> float | None:
+        """``wait_stall`` for ``publish_async``: None while its window of unacknowledged publishes has
+        room. With a timeout, nats-py takes the window's semaphore through ``asyncio.wait_for``, which
+        on Python 3.11 runs the acquire as a task of its own: three event-loop iterations before the
+        command is even buffered, each several milliseconds on a busy edge. Without one, a free
+        semaphore is taken at once. A full window (or a nats-py without that attribute) keeps the
+        bounded wait, so a stalled bus still answers NOT_EXECUTED in time."""
+        sem = getattr(self.js, "_publish_async_pending_semaphore", None)
+        if isinstance(sem, asyncio.Semaphore) and not sem.locked():
+            return None
+        return self.timeout_s
 
     async def cancel_all_account(self, account_id: int, symbol: str | None, correlation_id: str) -> CommandResult:
         cmd = CancelAllAccount(account_id=account_id, symbol=symbol)
@@ -284,6 +301,11 @@ class CoreClient:
         if isinstance(resp, dict) and set(resp) == {"error"}:
             raise SpotexError("UNAVAILABLE", detail="the trading core could not answer the query")
         return resp
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _swallow(fut: asyncio.Future[Any]) -> None:
