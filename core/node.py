@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
+from core.aio import stop_tasks
 from core.bus import H_FIRST, H_LAST, H_NODE, H_TOKEN, LEASE_BUCKET, SYS_STREAM, ensure_streams, evt_subject
 from core.engine import Engine
 from core.lease import Lease, LeaseLost
@@ -138,24 +139,6 @@ class CoreOptions(msgspec.Struct, frozen=True, kw_only=True):
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-async def _stop_tasks(tasks: list[asyncio.Task[Any]], timeout: float = 2.0) -> None:
-    """Cancel ``tasks`` and wait for them, but not forever. A cancellation can be lost: Python 3.11's
-    ``asyncio.wait_for`` (inside nats-py's requests) swallows one that races the completion of what it
-    waits for, and a loop that suppresses the request's errors then runs on with the task marked
-    "cancelling". This was seen as a fenced leader that never exited (``_poll_depth`` still sleeping,
-    its caller awaiting it). Tasks still running after ``timeout`` are logged and left behind."""
-    for t in tasks:
-        t.cancel()
-    if not tasks:
-        return
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
-    for t in done:
-        if not t.cancelled():
-            t.exception()  # retrieved: a stopping node does not re-raise a stage's error here
-    if pending:
-        log.warning("tasks did not stop when cancelled", extra={"tasks": sorted(t.get_name() for t in pending)})
 
 
 def _freeze_heap(reason: str) -> None:
@@ -530,14 +513,14 @@ class CoreNode:
             await self.ensure_markets()
             await self._consume()
         finally:
-            await _stop_tasks([renew])
+            await stop_tasks([renew])
             with contextlib.suppress(Exception):
                 await query_sub.unsubscribe()
 
     async def _renew_loop(self) -> None:
         assert self.lease is not None
         interval = self.opts.lease_ttl_ms / 3000
-        while not self.stopping.is_set():  # not only cancel(): see _stop_tasks
+        while not self.stopping.is_set():  # not only cancel(): see core.aio.stop_tasks
             await asyncio.sleep(interval)
             try:
                 await self.lease.renew()
@@ -609,7 +592,7 @@ class CoreNode:
             if publishing is not None:
                 await publishing
         finally:
-            await _stop_tasks([t for t in (fetch_task, depth_task, publishing) if t is not None])
+            await stop_tasks([t for t in (fetch_task, depth_task, publishing) if t is not None])
 
     async def _fetch_loop(self, psub: Any, queue: asyncio.Queue[list[Any]]) -> None:
         while not self.stopping.is_set():
@@ -633,7 +616,7 @@ class CoreNode:
             await m.ack()
 
     async def _poll_depth(self, psub: Any) -> None:
-        while not self.stopping.is_set():  # not only cancel(): see _stop_tasks
+        while not self.stopping.is_set():  # not only cancel(): see core.aio.stop_tasks
             with contextlib.suppress(Exception):
                 info = await psub.consumer_info()
                 M_QUEUE.set(info.num_pending + info.num_ack_pending)

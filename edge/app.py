@@ -38,6 +38,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from core.aio import stop_tasks
 from core.wire import MarketConfig, SymbolModeChanged, WithdrawalsHaltChanged, market_config_diff
 from edge.auth import (
     KeyStore,
@@ -515,13 +516,12 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
             state.hub.verifier = state.verifier
             with contextlib.suppress(Exception):
                 await state.hub.start()
-        purge = asyncio.create_task(_purge_loop(state))
-        mapping = asyncio.create_task(_mapping_loop(state))
+        purge = asyncio.create_task(_purge_loop(state), name="edge-purge")
+        mapping = asyncio.create_task(_mapping_loop(state), name="edge-mapping")
         try:
             yield
         finally:
-            purge.cancel()
-            mapping.cancel()
+            await stop_tasks([purge, mapping])
             with contextlib.suppress(Exception):
                 await state.throttle.stop()
             if state.hub is not None:

@@ -37,6 +37,7 @@ from litestar import Response, get
 from litestar.params import FromPath, FromQuery, QueryParameter
 from prometheus_client import Counter, Gauge
 
+from core.aio import stop_tasks
 from core.bus import EVT_PREFIX, SYS_STREAM
 from core.wire import (
     BookDelta,
@@ -402,9 +403,7 @@ class MarketData:
     async def stop(self, *, save: bool = True) -> None:
         """Stop following EVT; with a snapshot path (and ``save``), write a final snapshot."""
         if self._snap_task is not None:
-            self._snap_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._snap_task
+            await stop_tasks([self._snap_task])
             self._snap_task = None
         if self._sub is not None:
             with contextlib.suppress(Exception):

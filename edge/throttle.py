@@ -36,6 +36,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from core.aio import stop_tasks
 from core.bus import THROTTLE_LAYERS, SymbolThrottle, decode_setting, read_settings, throttle_bucket
 from edge.errors import SpotexError
 from edge.ratelimit import TokenBucketLimiter
@@ -153,9 +154,7 @@ class ThrottleBook:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
 
     async def _run(self, js: Any, loaded: asyncio.Event) -> None:

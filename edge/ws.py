@@ -47,6 +47,7 @@ import msgspec
 from litestar import asgi
 from prometheus_client import Counter, Gauge, Histogram
 
+from core.aio import stop_tasks
 from core.wire import (
     OrderAccepted,
     OrderAmended,
@@ -392,11 +393,7 @@ class WsHub:
     async def stop(self) -> None:
         """Shutdown frame to everyone, then close each connection (1001)."""
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await stop_tasks(self._tasks)
         self._tasks = []
         await asyncio.gather(*(self._close(c, 1001, "SHUTDOWN") for c in list(self.conns)),
                              return_exceptions=True)

@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
+from core.aio import stop_tasks
 from core.bus import evt_last_seqs
 from core.wire import (
     BookDelta,
@@ -386,7 +387,7 @@ class Exporter:
 
         if self.nc is None:
             await self.connect_nats()
-        self._tasks.append(asyncio.create_task(self._monitor()))
+        self._tasks.append(asyncio.create_task(self._monitor(), name="exporter-monitor"))
         try:
             await self._ensure_producer()
             if self.opts.rewind_on_broker_loss and await self._startup_lost():
@@ -424,11 +425,7 @@ class Exporter:
 
     async def close(self) -> None:
         self.stopping.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await stop_tasks(self._tasks)
         self._tasks.clear()
         await self._reset_producer()
         if self.nc is not None:

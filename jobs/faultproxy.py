@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.aio import stop_tasks
+
 __all__ = ["FaultProxy", "ProxyState", "control"]
 
 log = logging.getLogger("jobs.faultproxy")
@@ -84,11 +86,7 @@ class FaultProxy:
             if srv is not None:
                 srv.close()
         self.reset()
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await t
+        await stop_tasks(list(self._tasks))
         for srv in (self._server, self._control):
             if srv is not None:
                 with contextlib.suppress(Exception):

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from core.aio import stop_tasks
 from ledger.invariants import run_invariants
 from ledger.reconcile import CoreAdmin, Reconciler, ReconcilerOptions, Responder, latch_state
 from ledger.settlement import BatchOutcome, Book, ConsumerOptions, SettlementConsumer
@@ -227,7 +228,7 @@ class LedgerService:
                 interval_s=self.opts.reconcile_interval_s))
             tasks += [asyncio.create_task(self.reconciler.run(self.stop), name="reconciler"),
                       asyncio.create_task(self._responder_loop(), name="responder")]
-        stopper = asyncio.create_task(self.stop.wait())
+        stopper = asyncio.create_task(self.stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -236,9 +237,7 @@ class LedgerService:
         finally:
             self.consumer.stop.set()
             self.stop.set()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            await stop_tasks([*tasks, stopper], timeout=5.0)
             await self.close()
 
     async def close(self) -> None:

@@ -36,6 +36,7 @@ import asyncpg
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
+from core.aio import stop_tasks
 from core.bus import H_FIRST, H_LAST
 from core.wire import (
     CUSTODY_ACCOUNT,
@@ -1009,7 +1010,7 @@ class SettlementConsumer:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)
 
-        prod = asyncio.create_task(producer())
+        prod = asyncio.create_task(producer(), name="settle-fetch")
         # Two batches overlap: batch k+1 writes its append-only rows while batch k commits; it takes
         # the writer lock only once k is decided (its gate). k's outcome is handled (stream states,
         # acks) before k+1's.
@@ -1066,9 +1067,7 @@ class SettlementConsumer:
             for _, task, _ in inflight:
                 with contextlib.suppress(BaseException):
                     await task
-            prod.cancel()
-            with contextlib.suppress(BaseException):
-                await prod
+            await stop_tasks([prod])
         return reason[0] if reason else None
 
     async def run(self) -> None:
@@ -1076,16 +1075,14 @@ class SettlementConsumer:
         self.hint = {k: v.last_seq for k, v in self.committed.items()}
         self.stopped_streams = {k for k, v in self.committed.items() if v.state == "stopped"}
         await self.position(reason="start")
-        depth = asyncio.create_task(self._poll_depth())
+        depth = asyncio.create_task(self._poll_depth(), name="settle-depth")
         try:
             while not self.stop.is_set():
                 why = await self._pump()
                 if why is not None and not self.stop.is_set():
                     await self._reposition(why)
         finally:
-            depth.cancel()
-            with contextlib.suppress(BaseException):
-                await depth
+            await stop_tasks([depth])
             if self.psub is not None:
                 with contextlib.suppress(Exception):
                     await self.psub.unsubscribe()

@@ -22,7 +22,7 @@ ALLOWED = {
 }
 # The modules of core that other packages may use: the contract and the shared base, never the
 # engine's internals.
-CORE_PUBLIC = {"core.wire", "core.obs", "core.bus", "core.engine", "core.keys"}
+CORE_PUBLIC = {"core.wire", "core.obs", "core.bus", "core.engine", "core.keys", "core.aio"}
 # spotex modules services may use: config, paths and test harness, not the CLI or supervisor.
 SPOTEX_LIB = {"spotex.config", "spotex.paths", "spotex.embedded", "spotex.testing", "spotex.cli"}
 

@@ -1,4 +1,4 @@
-"""core.node._stop_tasks: stopping a node's pipeline tasks is bounded even when a task loses its
+"""core.aio.stop_tasks (every service stops its tasks with it): stopping a node's pipeline tasks is bounded even when a task loses its
 cancellation (the hang seen in the split-brain drill: a fenced leader awaiting a task that never ended)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from core.node import _stop_tasks
+from core.aio import stop_tasks
 
 
 async def test_a_task_that_swallows_its_cancellation_does_not_hang_the_stop(caplog: pytest.LogCaptureFixture) -> None:
@@ -32,8 +32,8 @@ async def test_a_task_that_swallows_its_cancellation_does_not_hang_the_stop(capl
              asyncio.create_task(polite(), name="polite")]
     await asyncio.sleep(0)
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="core.node"):
-        await _stop_tasks(tasks, timeout=0.5)
+    with caplog.at_level(logging.WARNING, logger="core.aio"):
+        await stop_tasks(tasks, timeout=0.5)
     assert time.monotonic() - t0 < 2.0
     assert tasks[2].cancelled() and tasks[1].done() and not tasks[0].done()
     assert [r.tasks for r in caplog.records if r.msg == "tasks did not stop when cancelled"] == [["deaf"]]
