@@ -1,5 +1,6 @@
-"""core.aio.stop_tasks (every service stops its tasks with it): stopping a node's pipeline tasks is bounded even when a task loses its
-cancellation (the hang seen in the split-brain drill: a fenced leader awaiting a task that never ended)."""
+"""core.aio.stop_tasks (every service stops its tasks with it): stopping tasks is bounded even when a
+task loses its cancellation (the hang seen in the split-brain drill: a fenced leader awaiting a task
+that never ended)."""
 
 from __future__ import annotations
 
