@@ -27,7 +27,6 @@ the fsync per command. The mode is fixed when a stream is created; an existing C
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import msgspec
@@ -195,23 +194,29 @@ def decode_setting(raw: bytes) -> SymbolThrottle | None:
     return s
 
 
-async def read_settings(kv: Any, keys: str = ">") -> dict[str, dict[str, tuple[SymbolThrottle, int]]]:
-    """symbol -> layer -> (setting, KV revision): the bucket's current content (or the keys matching
-    ``keys``, e.g. ``"*.policy"``), read with a one-shot watch (no keys is an empty dict, not an error)."""
+async def read_settings(js: Any, keys: str = ">") -> dict[str, dict[str, tuple[SymbolThrottle, int]]]:
+    """symbol -> layer -> (setting, KV revision): the ``symbol_throttle`` bucket's current content (or
+    the keys matching ``keys``, e.g. ``"*.policy"``; no keys is an empty dict, not an error).
+
+    Not read with a one-shot KV watch: nats-py's watcher puts its "no more entries" marker first
+    when the consumer's info says nothing is pending and no entry has reached the client yet, and
+    the server can send that info before the entries it has already pushed, so a busy process read
+    an empty or partial bucket (seen in CI: the admin listing missing a throttle that was set; the
+    same read decides a clear's THROTTLE_NOT_SET and the settlement-lag job's view of its own layer).
+    Instead the stream says which keys exist (subjects filter) and each key's last value is read
+    directly; a key deleted meanwhile is skipped, one created meanwhile is not seen yet."""
+    from nats.js.errors import KeyDeletedError, NotFoundError
+
+    kv = await throttle_bucket(js)
+    prefix = f"$KV.{THROTTLE_BUCKET}."
+    info = await js.stream_info(f"KV_{THROTTLE_BUCKET}", subjects_filter=prefix + keys)
     out: dict[str, dict[str, tuple[SymbolThrottle, int]]] = {}
-    w = await kv.watch(keys)
-    try:
-        while True:
-            e = await w.updates(timeout=5.0)
-            if e is None:
-                break
-            if e.operation is None and e.value:
-                s = decode_setting(e.value)
-                if s is not None:
-                    out.setdefault(s.symbol, {})[s.layer] = (s, int(e.revision))
-            if not e.delta:
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await w.stop()
+    for subject in sorted(info.state.subjects or {}):
+        try:
+            e = await kv.get(subject[len(prefix):])
+        except (KeyDeletedError, NotFoundError):
+            continue
+        s = decode_setting(e.value) if e.value else None
+        if s is not None:
+            out.setdefault(s.symbol, {})[s.layer] = (s, int(e.revision))
     return out

@@ -516,7 +516,7 @@ async def throttle_clear(request: Request[Any, Any, Any], symbol: str, data: Thr
     if st.js is None:
         raise SpotexError("UNAVAILABLE", detail="the edge has no JetStream connection")
     kv = await throttle_bucket(st.js)
-    present = (await read_settings(kv)).get(symbol, {})
+    present = (await read_settings(st.js)).get(symbol, {})
     layers = [la for la in ("operator", "policy") if data.layer in (la, "all") and la in present]
     if not layers:
         raise SpotexError("THROTTLE_NOT_SET", detail=f"{symbol} has no {data.layer} throttle")
@@ -542,14 +542,13 @@ async def throttle_clear(request: Request[Any, Any, Any], symbol: str, data: Thr
 @get("/v1/admin/throttles", responses=ADMIN_ERRORS, security=_SEC, tags=["admin"],
      summary="Symbol throttles: every layer in symbol_throttle and what this edge enforces (viewer)")
 async def throttle_list(request: Request[Any, Any, Any]) -> Response[Any]:
-    from core.bus import throttle_bucket
     from edge.throttle import read_settings
 
     st = edge_state(request)
     await st.authenticate_operator(request, "viewer")
     if st.js is None:
         raise SpotexError("UNAVAILABLE", detail="the edge has no JetStream connection")
-    stored = await read_settings(await throttle_bucket(st.js))
+    stored = await read_settings(st.js)
     enforced = st.throttle.snapshot() if st.throttle is not None else {}
     out = {sym: {"layers": {la: {"ordersPerSecond": s.orders_per_s, "burst": s.burst, "actor": s.actor,
                                  "reason": s.reason, "ticket": s.ticket, "auditSeq": s.audit_seq,

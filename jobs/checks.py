@@ -282,7 +282,7 @@ async def _policy_throttles(ctx: JobContext) -> tuple[Any, dict[str, tuple[dict[
         return None
     kv = await throttle_bucket(ctx.js)
     out: dict[str, tuple[dict[str, Any], int]] = {}
-    for symbol, layers in (await read_settings(kv, "*.policy")).items():
+    for symbol, layers in (await read_settings(ctx.js, "*.policy")).items():
         if "policy" in layers:
             setting, revision = layers["policy"]
             out[symbol] = (msgspec.structs.asdict(setting), revision)

@@ -6,6 +6,7 @@ job sets and lifts its own throttle and never an operator's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import math
@@ -156,6 +157,40 @@ def _binance_order(env: Env, k: dict[str, Any], n: int) -> httpx.Response:
     sig = hmac.new(k["secret"].encode(), q.encode(), hashlib.sha256).hexdigest()
     return httpx.post(f"{env.edge}/api/v3/order?{q}&signature={sig}", headers={"X-MBX-APIKEY": k["api_key"]},
                       timeout=10)
+
+
+async def test_read_settings_gives_the_buckets_content_without_a_watch(nats_srv: Any) -> None:
+    """read_settings lists the keys from the stream and reads each one: deleted and invalid values are
+    left out, a subject filter reads one layer, an empty bucket is an empty dict. Read many times right
+    after writes, as the admin listing and the settlement-lag job do (the one-shot watch it replaced
+    could report the bucket empty in that window)."""
+    import nats
+
+    from core.bus import THROTTLE_BUCKET, read_settings, throttle_bucket
+
+    nc = await nats.connect(nats_srv.url)
+    try:
+        js = nc.jetstream()
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(THROTTLE_BUCKET)
+        assert await read_settings(js) == {}
+        kv = await throttle_bucket(js)
+        for rnd in range(20):
+            rev_op = await kv.put(throttle_key("AAA-USDT", "operator"), _setting("operator", 100 + rnd, 10, "AAA-USDT"))
+            rev_pol = await kv.put(throttle_key("AAA-USDT", "policy"), _setting("policy", 5, 5, "AAA-USDT"))
+            await kv.put(throttle_key("BBB-USDT", "policy"), _setting("policy", 7, 7, "BBB-USDT"))
+            await kv.delete(throttle_key("BBB-USDT", "policy"))
+            await kv.put(throttle_key("CCC-USDT", "operator"), b"not a throttle")
+            got = await read_settings(js)
+            assert set(got) == {"AAA-USDT"} and set(got["AAA-USDT"]) == {"operator", "policy"}, got
+            assert got["AAA-USDT"]["operator"][0].orders_per_s == 100 + rnd
+            assert (got["AAA-USDT"]["operator"][1], got["AAA-USDT"]["policy"][1]) == (rev_op, rev_pol)
+            policy = await read_settings(js, "*.policy")
+            assert {sym: set(layers) for sym, layers in policy.items()} == {"AAA-USDT": {"policy"}}
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_key_value(THROTTLE_BUCKET)
+        await nc.close()
 
 
 @pytest.mark.slow
