@@ -22,12 +22,15 @@ def register(main: click.Group) -> None:
     @bench.command("engine")
     @click.option("--commands", default=1_000_000, show_default=True)
     @click.option("--seed", default=1, show_default=True)
+    @click.option("--chunk", type=int, default=None,
+                  help="Commands generated ahead of each measured stretch (default: all before measuring; "
+                       "10000 interleaves the generator as before, with less memory).")
     @click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry; output is always one JSON line.")
-    def bench_engine(commands: int, seed: int, as_json: bool) -> None:
+    def bench_engine(commands: int, seed: int, chunk: int | None, as_json: bool) -> None:
         """In-process engine: risk + match + events over a mixed flow, no I/O."""
         from benchmarks.bench_engine import run
 
-        _print(run(commands, seed))
+        _print(run(commands, seed, chunk=chunk))
 
     @bench.command("wal")
     @click.option("--commands", default=1_000_000, show_default=True)

@@ -64,7 +64,8 @@ def test_sim_cli_reports_seeds() -> None:
 
 def test_bench_verbs_print_one_json_line() -> None:
     for args, keys in (
-        (("bench", "engine", "--commands", "20000", "--json"), {"commands_per_s", "p99_us"}),
+        (("bench", "engine", "--commands", "20000", "--json"), {"commands_per_s", "p99_us", "chunk"}),
+        (("bench", "engine", "--commands", "20000", "--chunk", "5000", "--json"), {"commands_per_s", "chunk"}),
         (("bench", "wal", "--commands", "20000", "--json"), {"commands_per_s", "commit_p99_ms"}),
         (("bench", "replay", "--records", "20000", "--json"), {"records_per_s", "recovery_s"}),
     ):
@@ -72,4 +73,9 @@ def test_bench_verbs_print_one_json_line() -> None:
         assert res.returncode == 0, res.stderr
         lines = res.stdout.strip().splitlines()
         assert len(lines) == 1
-        assert keys <= set(json.loads(lines[0]))
+        out = json.loads(lines[0])
+        assert keys <= set(out)
+        if "--chunk" in args:
+            assert out["chunk"] == 5000
+        elif args[1] == "engine":
+            assert out["chunk"] == 20000  # every command generated before the first is measured
