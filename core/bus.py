@@ -49,6 +49,8 @@ __all__ = [
     "evt_last_seqs",
     "evt_subject",
     "read_settings",
+    "read_values",
+    "setting_for_key",
     "throttle_bucket",
     "throttle_key",
 ]
@@ -194,9 +196,9 @@ def decode_setting(raw: bytes) -> SymbolThrottle | None:
     return s
 
 
-async def read_settings(js: Any, keys: str = ">") -> dict[str, dict[str, tuple[SymbolThrottle, int]]]:
-    """symbol -> layer -> (setting, KV revision): the ``symbol_throttle`` bucket's current content (or
-    the keys matching ``keys``, e.g. ``"*.policy"``; no keys is an empty dict, not an error).
+async def read_values(js: Any, keys: str = ">") -> dict[str, tuple[bytes, int]]:
+    """key -> (raw value, KV revision): the ``symbol_throttle`` bucket's current content (or the keys
+    matching ``keys``, e.g. ``"*.policy"``; deleted keys left out, no keys is an empty dict).
 
     Not read with a one-shot KV watch: nats-py's watcher puts its "no more entries" marker first
     when the consumer's info says nothing is pending and no entry has reached the client yet, and
@@ -210,13 +212,33 @@ async def read_settings(js: Any, keys: str = ">") -> dict[str, dict[str, tuple[S
     kv = await throttle_bucket(js)
     prefix = f"$KV.{THROTTLE_BUCKET}."
     info = await js.stream_info(f"KV_{THROTTLE_BUCKET}", subjects_filter=prefix + keys)
-    out: dict[str, dict[str, tuple[SymbolThrottle, int]]] = {}
+    out: dict[str, tuple[bytes, int]] = {}
     for subject in sorted(info.state.subjects or {}):
+        key = subject[len(prefix):]
         try:
-            e = await kv.get(subject[len(prefix):])
+            e = await kv.get(key)
         except (KeyDeletedError, NotFoundError):
             continue
-        s = decode_setting(e.value) if e.value else None
+        if e.value:
+            out[key] = (e.value, int(e.revision))
+    return out
+
+
+def setting_for_key(key: str, raw: bytes) -> SymbolThrottle | None:
+    """The layer stored under ``key`` (``<symbol>.<layer>``), or None when the key is not a throttle
+    key or the value is invalid or names another symbol or layer than its key."""
+    symbol, _, layer = key.rpartition(".")
+    s = decode_setting(raw)
+    if s is None or not symbol or s.symbol != symbol or s.layer != layer:
+        return None
+    return s
+
+
+async def read_settings(js: Any, keys: str = ">") -> dict[str, dict[str, tuple[SymbolThrottle, int]]]:
+    """symbol -> layer -> (setting, KV revision) from :func:`read_values`; invalid entries left out."""
+    out: dict[str, dict[str, tuple[SymbolThrottle, int]]] = {}
+    for key, (raw, revision) in (await read_values(js, keys)).items():
+        s = setting_for_key(key, raw)
         if s is not None:
-            out.setdefault(s.symbol, {})[s.layer] = (s, int(e.revision))
+            out.setdefault(s.symbol, {})[s.layer] = (s, revision)
     return out

@@ -37,7 +37,15 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from core.aio import stop_tasks
-from core.bus import THROTTLE_LAYERS, SymbolThrottle, decode_setting, read_settings, throttle_bucket
+from core.bus import (
+    THROTTLE_LAYERS,
+    SymbolThrottle,
+    decode_setting,
+    read_settings,
+    read_values,
+    setting_for_key,
+    throttle_bucket,
+)
 from edge.errors import SpotexError
 from edge.ratelimit import TokenBucketLimiter
 
@@ -80,8 +88,8 @@ class ThrottleBook:
         if value is None:
             self.settings.get(symbol, {}).pop(layer, None)
         else:
-            s = decode_setting(value)
-            if s is None or s.symbol != symbol or s.layer != layer:
+            s = setting_for_key(key, value)
+            if s is None:
                 log.warning("ignoring invalid symbol_throttle value under %r", key)
                 return
             self.settings.setdefault(symbol, {})[layer] = s
@@ -176,8 +184,12 @@ class ThrottleBook:
                             e = await w.updates(timeout=self.RESYNC_S)
                         except NatsTimeout:
                             break
-                        if e is None:  # the end of the current content
+                        if e is None:  # the watcher's end of the current content
                             if initial:
+                                # The marker can come before entries the server already pushed
+                                # (core.bus.read_values): the content is read directly instead; what
+                                # the watch delivers after this is applied on top, newest last.
+                                fresh = {k: raw for k, (raw, _rev) in (await read_values(js)).items()}
                                 self._replace(fresh)
                                 initial = False
                                 self.loaded = True

@@ -160,10 +160,10 @@ def _binance_order(env: Env, k: dict[str, Any], n: int) -> httpx.Response:
 
 
 async def test_read_settings_gives_the_buckets_content_without_a_watch(nats_srv: Any) -> None:
-    """read_settings lists the keys from the stream and reads each one: deleted and invalid values are
-    left out, a subject filter reads one layer, an empty bucket is an empty dict. Read many times right
-    after writes, as the admin listing and the settlement-lag job do (the one-shot watch it replaced
-    could report the bucket empty in that window)."""
+    """read_settings lists the keys from the stream and reads each one: deleted and invalid values
+    (and one naming another symbol than its key) are left out, a subject filter reads one layer, an
+    empty bucket is an empty dict. Read many times right after writes, as the admin listing and the
+    settlement-lag job do (the one-shot watch it replaced could report the bucket empty then)."""
     import nats
 
     from core.bus import THROTTLE_BUCKET, read_settings, throttle_bucket
@@ -181,6 +181,7 @@ async def test_read_settings_gives_the_buckets_content_without_a_watch(nats_srv:
             await kv.put(throttle_key("BBB-USDT", "policy"), _setting("policy", 7, 7, "BBB-USDT"))
             await kv.delete(throttle_key("BBB-USDT", "policy"))
             await kv.put(throttle_key("CCC-USDT", "operator"), b"not a throttle")
+            await kv.put(throttle_key("DDD-USDT", "operator"), _setting("operator", 1, 1, "AAA-USDT"))  # not its key's
             got = await read_settings(js)
             assert set(got) == {"AAA-USDT"} and set(got["AAA-USDT"]) == {"operator", "policy"}, got
             assert got["AAA-USDT"]["operator"][0].orders_per_s == 100 + rnd
