@@ -6,6 +6,11 @@
 - A tiny asyncio HTTP server for the probes every service exposes: ``/healthz`` (process is
   alive), ``/readyz`` (503 with the reason while a dependency is not ready) and ``/metrics``
   (prometheus-client text format). The edge serves the same three routes from Litestar.
+- ``event_loop_lag_seconds``: how late the service's event loop wakes a timer (:func:`loop_lag_monitor`,
+  run by the probe server and by the edge). In an asyncio service every hop of a request (a socket
+  read, a future's result, a task's wakeup) waits for its turn in the loop, so a lag of a few
+  milliseconds multiplies into tens of milliseconds per request: it is the first thing to look at
+  when latency rises with load (docs/performance.md, "Where an order's 50 ms go").
 
 It lives in ``core`` because ``core`` depends on nothing of ours and every other service may
 depend on ``core``; it holds no trading logic.
@@ -22,15 +27,33 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Histogram, generate_latest
+
+from core.aio import stop_tasks
 
 __all__ = [
+    "M_LOOP_LAG",
     "JsonFormatter",
     "ProbeServer",
     "ReadinessCheck",
     "configure_logging",
+    "loop_lag_monitor",
     "redact",
 ]
+
+M_LOOP_LAG = Histogram("event_loop_lag_seconds", "How late the event loop woke a timer (sampled every 0.25 s)",
+                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+
+
+async def loop_lag_monitor(interval_s: float = 0.25, stop: asyncio.Event | None = None,
+                           observe: Callable[[float], None] = M_LOOP_LAG.observe) -> None:
+    """Sleep ``interval_s`` again and again and record by how much each wakeup came late: the time
+    the loop's other callbacks kept this one waiting. Runs until cancelled or ``stop`` is set."""
+    clock = time.perf_counter  # not loop.time(): uvloop's has a 1 ms granularity
+    while stop is None or not stop.is_set():
+        t0 = clock()
+        await asyncio.sleep(interval_s)
+        observe(max(0.0, clock() - t0 - interval_s))
 
 # Keys whose values never appear in logs, whatever their nesting.
 _SECRET_KEY_RE = re.compile(
@@ -130,14 +153,19 @@ class ProbeServer:
         self.extra_routes = dict(extra_routes or {})
         self.started_at = time.time()
         self._server: asyncio.AbstractServer | None = None
+        self._lag: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self._lag = asyncio.create_task(loop_lag_monitor(), name="loop-lag")
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
         return self.port
 
     async def stop(self) -> None:
+        if self._lag is not None:
+            await stop_tasks([self._lag])
+            self._lag = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

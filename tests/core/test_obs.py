@@ -3,8 +3,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
-from core.obs import JsonFormatter, ProbeServer, redact
+from core.obs import JsonFormatter, ProbeServer, loop_lag_monitor, redact
 from spotex.embedded import check_http
 
 
@@ -62,3 +63,35 @@ async def test_probe_server_ready_and_not_ready() -> None:
     finally:
         await srv.stop()
     await asyncio.sleep(0)
+
+
+async def test_loop_lag_monitor_sees_a_blocked_loop() -> None:
+    """A callback that holds the loop for 80 ms makes the monitor's next wakeup at least 60 ms late
+    (it blocks somewhere inside one 20 ms sleep)."""
+    seen: list[float] = []
+    stop = asyncio.Event()
+    mon = asyncio.create_task(loop_lag_monitor(0.02, stop, seen.append))
+    await asyncio.sleep(0.1)
+    idle = list(seen)
+    assert idle  # it samples
+    await asyncio.sleep(0.005)
+    time.sleep(0.08)  # blocks the loop, as a long callback would
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(mon, 1)
+    assert max(seen[len(idle):]) >= 0.05
+
+
+async def test_probe_server_exports_the_loop_lag() -> None:
+    srv = ProbeServer("127.0.0.1", 0, service="t")
+    port = await srv.start()
+    try:
+        await asyncio.sleep(0.3)  # one sample (every 0.25 s)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        body = (await reader.read()).decode()
+        writer.close()
+        assert "event_loop_lag_seconds_count" in body
+    finally:
+        await srv.stop()
+    assert srv._lag is None
