@@ -116,6 +116,9 @@ TILES: tuple[TileSpec, ...] = (
     TileSpec("api_p99", "Trading API", "latency p99", "edge", "ms",
              quantile("edge", "edge_http_request_seconds", 0.99), 25, 100),
     TileSpec("api_err", "Trading API", "error rate", "edge", "%", _api_error_rate, 1, 5),
+    # How late the edge's event loop runs: every hop of a request waits that long (docs/performance.md).
+    TileSpec("api_loop", "Trading API", "loop lag p99", "edge", "ms",
+             quantile("edge", "event_loop_lag_seconds", 0.99), 10, 50),
     TileSpec("eng_queue", "Engine", "queue depth", "core", "", gauge("core", "core_queue_depth"), 100, 1000),
     TileSpec("eng_loop", "Engine", "loop p99", "core", "ms", quantile("core", "core_loop_seconds", 0.99), 25, 100),
     TileSpec("eng_fsync", "Engine", "WAL fsync p99", "core", "ms",

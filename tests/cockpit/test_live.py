@@ -44,7 +44,7 @@ async def test_overview_fills_with_live_values(cockpit_stack: CockpitStack) -> N
         assert snap is not None
         for name in ("core", "edge", "ledger", "admin", "audit"):
             assert snap.state(name) is SourceState.LIVE, snap.sources[name]
-        for key in ("api_p99", "eng_queue", "eng_seq", "led_lag", "auth_fail"):
+        for key in ("api_p99", "api_loop", "eng_queue", "eng_seq", "led_lag", "auth_fail"):
             assert app.model.values[key] is not None, key
         assert snap.state("jobs") is SourceState.LIVE and snap.jobs, snap.sources["jobs"]  # the jobs service API
         assert app.model.auth_fail_reasons() is not None  # the edge's auth_fail_total{reason} family

@@ -79,6 +79,13 @@ edge_symbol_throttle_drops_total{symbol="BTC-USDT"} %d
 # TYPE edge_symbol_throttle_orders_per_s gauge
 edge_symbol_throttle_orders_per_s{symbol="BTC-USDT"} 50
 edge_symbol_throttle_orders_per_s{symbol="ETH-USDT"} 0
+# TYPE event_loop_lag_seconds histogram
+event_loop_lag_seconds_bucket{le="0.001"} %d
+event_loop_lag_seconds_bucket{le="0.01"} %d
+event_loop_lag_seconds_bucket{le="0.025"} %d
+event_loop_lag_seconds_bucket{le="+Inf"} %d
+event_loop_lag_seconds_count %d
+event_loop_lag_seconds_sum %f
 """
 # GET /v1/admin/throttles: BTC-USDT throttled by both layers, the operator's (stricter) enforced.
 THROTTLES = {"BTC-USDT": {
@@ -128,9 +135,9 @@ def _snapshot(state: SourceState) -> Snapshot:
     if state is SourceState.DISCONNECTED:
         return snap
     snap.metrics = {"core": parse_metrics(CORE % (120, 40, 300, 900, 420, 10.5)), "ledger": parse_metrics(LEDGER),
-                    "edge": parse_metrics(EDGE % (30, 7, 42))}
+                    "edge": parse_metrics(EDGE % (30, 7, 42, 140, 170, 180, 180, 180, 1.2))}
     snap.prev_metrics = {"core": (parse_metrics(CORE % (100, 38, 240, 700, 410, 10.4)), 1.0),
-                         "edge": (parse_metrics(EDGE % (25, 7, 30)), 1.0)}
+                         "edge": (parse_metrics(EDGE % (25, 7, 30, 100, 100, 100, 100, 100, 0.05)), 1.0)}
     audit = _audit()
     snap.admin = {"modes": {"BTC-USDT": "CANCEL_ONLY", "ETH-USDT": "CANCEL_ONLY"}, "withdrawalsHalted": True,
                   "latches": {"ETH-USDT": {"symbol": "ETH-USDT", "engaged": True, "mode": "CANCEL_ONLY",
