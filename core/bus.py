@@ -48,6 +48,7 @@ __all__ = [
     "ensure_streams",
     "evt_last_seqs",
     "evt_subject",
+    "last_messages",
     "read_settings",
     "read_values",
     "setting_for_key",
@@ -74,20 +75,26 @@ def evt_subject(stream: str) -> str:
     return f"{EVT_PREFIX}.{stream}"
 
 
-async def evt_last_seqs(js: Any, evt_stream: str = "EVT", prefix: str = EVT_PREFIX) -> dict[str, int]:
-    """Stream -> the engine's last published seq (``Spotex-Last-Seq`` of the subject's last message)."""
+async def last_messages(js: Any, stream: str, subjects_filter: str) -> dict[str, Any]:
+    """subject -> its last message in ``stream`` (a ``RawStreamMsg``), for every subject matching
+    ``subjects_filter``: the stream's info lists the subjects, then each one's last message is read."""
     from nats.js.errors import NotFoundError
 
-    info = await js.stream_info(evt_stream, subjects_filter=f"{prefix}.>")
-    out: dict[str, int] = {}
-    plen = len(prefix) + 1
+    info = await js.stream_info(stream, subjects_filter=subjects_filter)
+    out: dict[str, Any] = {}
     for subject in sorted(info.state.subjects or {}):
         try:
-            msg = await js.get_last_msg(evt_stream, subject)
+            out[subject] = await js.get_last_msg(stream, subject)
         except NotFoundError:
             continue
-        out[subject[plen:]] = int((msg.headers or {}).get(H_LAST, 0))
     return out
+
+
+async def evt_last_seqs(js: Any, evt_stream: str = "EVT", prefix: str = EVT_PREFIX) -> dict[str, int]:
+    """Stream -> the engine's last published seq (``Spotex-Last-Seq`` of the subject's last message)."""
+    plen = len(prefix) + 1
+    return {subject[plen:]: int((msg.headers or {}).get(H_LAST, 0))
+            for subject, msg in (await last_messages(js, evt_stream, f"{prefix}.>")).items()}
 
 
 async def ensure_streams(
@@ -198,30 +205,26 @@ def decode_setting(raw: bytes) -> SymbolThrottle | None:
 
 async def read_values(js: Any, keys: str = ">") -> dict[str, tuple[bytes, int]]:
     """key -> (raw value, KV revision): the ``symbol_throttle`` bucket's current content (or the keys
-    matching ``keys``, e.g. ``"*.policy"``; deleted keys left out, no keys is an empty dict).
+    matching ``keys``, e.g. ``"*.policy"``; deleted keys left out; no keys, or no bucket yet, is an
+    empty dict).
 
     Not read with a one-shot KV watch: nats-py's watcher puts its "no more entries" marker first
     when the consumer's info says nothing is pending and no entry has reached the client yet, and
     the server can send that info before the entries it has already pushed, so a busy process read
     an empty or partial bucket (seen in CI: the admin listing missing a throttle that was set; the
     same read decides a clear's THROTTLE_NOT_SET and the settlement-lag job's view of its own layer).
-    Instead the stream says which keys exist (subjects filter) and each key's last value is read
-    directly; a key deleted meanwhile is skipped, one created meanwhile is not seen yet."""
-    from nats.js.errors import KeyDeletedError, NotFoundError
+    Instead the stream says which keys exist and each key's last message is read (:func:`last_messages`);
+    a key deleted meanwhile is skipped, one created meanwhile is not seen yet."""
+    from nats.js.errors import NotFoundError
+    from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
-    kv = await throttle_bucket(js)
     prefix = f"$KV.{THROTTLE_BUCKET}."
-    info = await js.stream_info(f"KV_{THROTTLE_BUCKET}", subjects_filter=prefix + keys)
-    out: dict[str, tuple[bytes, int]] = {}
-    for subject in sorted(info.state.subjects or {}):
-        key = subject[len(prefix):]
-        try:
-            e = await kv.get(key)
-        except (KeyDeletedError, NotFoundError):
-            continue
-        if e.value:
-            out[key] = (e.value, int(e.revision))
-    return out
+    try:
+        last = await last_messages(js, f"KV_{THROTTLE_BUCKET}", prefix + keys)
+    except NotFoundError:  # the bucket is created by its first writer
+        return {}
+    return {subject[len(prefix):]: (msg.data, int(msg.seq)) for subject, msg in last.items()
+            if msg.data and (msg.headers or {}).get(KV_OP) not in (KV_DEL, KV_PURGE)}
 
 
 def setting_for_key(key: str, raw: bytes) -> SymbolThrottle | None:
