@@ -172,11 +172,14 @@ class ThrottleBook:
             try:
                 kv = await throttle_bucket(js)
                 w = await kv.watchall()
-                # A (re)started watch replays the last value of every key: rebuild from it, so a
-                # delete missed while disconnected cannot leave a stale throttle behind. The watch
+                # A (re)started watch replays the last value of every key; at the end of that replay
+                # the book is rebuilt from the bucket's content, so a delete missed while disconnected
+                # cannot leave a stale throttle behind. The content is read directly (core.bus.read_values)
+                # because the watcher's end marker can come before entries the server already pushed;
+                # the replayed entries themselves are what that read returns, so they are skipped, and
+                # what the watch delivers after the marker is applied on top, newest last. The watch
                 # is renewed after RESYNC_S without updates, so a consumer lost silently (server
                 # restart) costs at most that long.
-                fresh: dict[str, bytes] = {}
                 initial = True
                 try:
                     while True:
@@ -186,25 +189,15 @@ class ThrottleBook:
                             break
                         if e is None:  # the watcher's end of the current content
                             if initial:
-                                # The marker can come before entries the server already pushed
-                                # (core.bus.read_values): the content is read directly instead; what
-                                # the watch delivers after this is applied on top, newest last.
-                                fresh = {k: raw for k, (raw, _rev) in (await read_values(js)).items()}
-                                self._replace(fresh)
+                                self._replace({k: raw for k, (raw, _rev) in (await read_values(js)).items()})
                                 initial = False
                                 self.loaded = True
                                 loaded.set()
                             continue
                         if not hasattr(e, "key"):  # the watcher was stopped
                             break
-                        value = e.value if e.operation is None and e.value else None
-                        if initial:
-                            if value is None:
-                                fresh.pop(e.key, None)
-                            else:
-                                fresh[e.key] = value
-                        else:
-                            self.apply(e.key, value)
+                        if not initial:
+                            self.apply(e.key, e.value if e.operation is None and e.value else None)
                 finally:
                     with contextlib.suppress(Exception):
                         await w.stop()
