@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from textual.pilot import Pilot
-from textual.widgets import Button, DataTable, Static
+from textual.widgets import Button, DataTable, Input, Static
 
 from cockpit.app import CockpitApp, ControlScreen
 from cockpit.signing import OperatorKey
@@ -19,21 +19,51 @@ def _app(cs: CockpitStack, key: OperatorKey | None, roles: set[str]) -> CockpitA
     return CockpitApp(HttpPoller(cs.stack.data_dir, key=key), roles=frozenset(roles), poll_interval=0.5)
 
 
+def _seen(app: CockpitApp) -> str:
+    """What the operator would see when a wait times out: the screen, a control's impact and Confirm
+    state, the actions and the sources that are not LIVE."""
+    parts = [f"screen={type(app.screen).__name__}"]
+    if isinstance(app.screen, ControlScreen):
+        scr = app.screen
+        fresh = scr.fresh
+        parts += [f"impact={str(scr.query_one('#impact', Static).render())!r}",
+                  f"confirm_disabled={scr.query_one('#confirm', Button).disabled}",
+                  f"focused={getattr(app.focused, 'id', None)}",
+                  "inputs=" + str({i.id: i.value for i in scr.query(Input)}),
+                  "fresh=" + ("none" if fresh is None else str(fresh.sources.get(scr.state_source)))]
+    parts.append(f"actions={[(a.request.spec.id, a.state, a.detail) for a in app.actions]}")
+    snap = app.model.snapshot
+    if snap is not None:
+        parts.append(f"not_live={[str(s) for s in snap.sources.values() if s.state is not SourceState.LIVE]}")
+    return "; ".join(parts)
+
+
 async def _until(pilot: Pilot[None], cond: object, timeout: float = 15.0) -> None:
     for _ in range(int(timeout / 0.1)):
         if callable(cond) and cond():
             return
         await pilot.pause(0.1)
-    raise AssertionError("condition not reached in time")
+    app = pilot.app
+    raise AssertionError("condition not reached in time; "
+                         + (_seen(app) if isinstance(app, CockpitApp) else type(app).__name__))
+
+
+async def _type_into(pilot: Pilot[None], selector: str, text: str) -> None:
+    """Click a field, and type once it has the focus, as a person watching the cursor would. Pilot
+    delivers the click to the field's own message queue and the keys to whatever has the focus when
+    the app takes them: on a busy machine keys pressed right after the click could reach the field
+    focused before (seen as a lost reason or ticket). The field must show exactly what was typed."""
+    field = pilot.app.screen.query_one(selector, Input)
+    await pilot.click(selector)
+    await _until(pilot, lambda: pilot.app.focused is field)
+    await pilot.press(*text)
+    await _until(pilot, lambda: field.value == text)
 
 
 async def _set_control_fields(pilot: Pilot[None], reason: str, ticket: str, word: str) -> None:
-    await pilot.click("#reason")
-    await pilot.press(*reason)
-    await pilot.click("#ticket")
-    await pilot.press(*ticket)
-    await pilot.click("#confirm-word")
-    await pilot.press(*word)
+    for selector, text in (("#reason", reason), ("#ticket", ticket), ("#confirm-word", word)):
+        if text:
+            await _type_into(pilot, selector, text)
 
 
 async def test_overview_fills_with_live_values(cockpit_stack: CockpitStack) -> None:
@@ -126,7 +156,8 @@ async def _confirm(pilot: Pilot[None], app: CockpitApp, reason: str, ticket: str
     await _until(pilot, lambda: isinstance(app.screen, ControlScreen))
     await _until(pilot, lambda: impact in str(app.screen.query_one("#impact", Static).render()))
     await _set_control_fields(pilot, reason, ticket, word)
-    await pilot.click("#confirm")
+    await _until(pilot, lambda: not app.screen.query_one("#confirm", Button).disabled)
+    assert await pilot.click("#confirm"), "the click did not land on Confirm; " + _seen(app)
 
 
 async def test_cancel_all_reaches_the_core_and_the_audit_chain(cockpit_stack: CockpitStack) -> None:
@@ -142,8 +173,7 @@ async def test_cancel_all_reaches_the_core_and_the_audit_chain(cockpit_stack: Co
         await pilot.click("#confirm")
         await pilot.pause(0.2)
         assert isinstance(app.screen, ControlScreen) and not app.actions
-        await pilot.click("#ticket")
-        await pilot.press(*"T-3")
+        await _type_into(pilot, "#ticket", "T-3")
         await pilot.click("#confirm")
         await _until(pilot, lambda: bool(app.actions) and app.actions[-1].done)
         action = app.actions[-1]
@@ -244,10 +274,8 @@ async def test_symbol_throttle_set_and_clear_through_the_cockpit(cockpit_stack: 
         screen = app.screen
         assert app.focused is screen.query_one("#cancel", Button)
         await _until(pilot, lambda: f"{sym} throttle layers: none" in str(screen.query_one("#impact", Static).render()))
-        await pilot.click("#rate")
-        await pilot.press(*"400")
-        await pilot.click("#burst")
-        await pilot.press(*"800")
+        await _type_into(pilot, "#rate", "400")
+        await _type_into(pilot, "#burst", "800")
         await _until(pilot, lambda: "enforced after: 400/s burst 800 (operator)"
                      in str(screen.query_one("#impact", Static).render()))
         await _set_control_fields(pilot, "lag drill", "T-9", sym)
