@@ -19,6 +19,7 @@ depend on ``core``; it holds no trading logic.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import re
@@ -37,12 +38,27 @@ __all__ = [
     "ProbeServer",
     "ReadinessCheck",
     "configure_logging",
+    "freeze_heap",
     "loop_lag_monitor",
     "redact",
 ]
 
 M_LOOP_LAG = Histogram("event_loop_lag_seconds", "How late the event loop woke a timer (sampled every 0.25 s)",
                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+
+
+def freeze_heap(log: logging.Logger, reason: str) -> None:
+    """Collect once, then move everything alive (imported modules, the app, recovered books and
+    balances) out of the cyclic GC's generations. A full collection then walks only what was allocated
+    since instead of the whole start-up heap: after a 300,000-record replay a full collection of the
+    core took ~20 ms, and ~0 ms once frozen; under a 30,000-order load the edge spent 1.81 s of CPU in
+    the collector (worst collection 58 ms), and 0.96 s (33 ms) frozen. Frozen objects are still freed
+    by reference counting; only cycles among them would outlive their use."""
+    t0 = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info("heap frozen", extra={"reason": reason, "frozen_objects": gc.get_freeze_count(),
+                                   "ms": round((time.perf_counter() - t0) * 1000, 1)})
 
 
 async def loop_lag_monitor(interval_s: float = 0.25, stop: asyncio.Event | None = None,

@@ -8,13 +8,18 @@ in-flight requests finish (uvicorn's graceful shutdown) and close NATS and Postg
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from typing import TYPE_CHECKING
+
+from core.obs import freeze_heap
 
 if TYPE_CHECKING:
     from spotex.cli import ServiceContext
 
 __all__ = ["run"]
+
+log = logging.getLogger("edge.service")
 
 
 async def run(ctx: ServiceContext) -> None:
@@ -38,4 +43,8 @@ async def run(ctx: ServiceContext) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
+    # The imported modules, the app, its routes and OpenAPI schema leave the cyclic GC's generations
+    # (~78k objects). Measured under a 30,000-order load: GC CPU 1.81 s -> 0.96 s, worst collection
+    # 58 ms -> 33 ms. Here and not in the app's lifespan, so in-process tests keep their own heap.
+    freeze_heap(log, "app built")
     await server.serve()

@@ -21,6 +21,7 @@ import asyncpg
 import msgspec
 
 from core.aio import stop_tasks
+from core.obs import freeze_heap
 from ledger.invariants import run_invariants
 from ledger.reconcile import CoreAdmin, Reconciler, ReconcilerOptions, Responder, latch_state
 from ledger.settlement import BatchOutcome, Book, ConsumerOptions, SettlementConsumer
@@ -203,9 +204,7 @@ class LedgerService:
                     log.warning("streams resumed by an operator", extra={"streams": sorted(resumed)})
 
     async def run(self) -> None:
-        import gc
-
-        gc.freeze()  # start-up objects leave the collector's generations: shorter GC pauses (notes)
+        freeze_heap(log, "start-up")  # start-up objects leave the collector's generations: shorter GC pauses
         await self.connect()
         if self.stop.is_set() or self.js is None:
             return
