@@ -44,7 +44,8 @@ async def run(ctx: ServiceContext) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
     # The imported modules, the app, its routes and OpenAPI schema leave the cyclic GC's generations
-    # (~78k objects). Measured under a 30,000-order load: GC CPU 1.81 s -> 0.96 s, worst collection
-    # 58 ms -> 33 ms. Here and not in the app's lifespan, so in-process tests keep their own heap.
-    freeze_heap(log, "app built")
+    # (~78k objects), and the young generation collects at edge.gc_gen0_threshold. Measured under a
+    # 30,000-order load (docs/performance.md): GC CPU 1.81 s frozen -> 0.96 s, then 0.08 s with the
+    # threshold at 7,000. Here and not in the app's lifespan, so in-process tests keep their own heap.
+    freeze_heap(log, "app built", gen0_threshold=cfg.edge.gc_gen0_threshold)
     await server.serve()

@@ -130,6 +130,10 @@ class EdgeSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     ws_close_grace_s: float = 5.0
     ws_ring_frames: int = 4_096  # RESUME buffer per channel
     ws_write_threads: int = 1  # helper threads writing sockets beside the event loop (0 = none)
+    # The cyclic GC's young-generation threshold in the edge process (Python's default is 700; 0 keeps
+    # it). In-flight requests hold ~1,000 short-lived objects each, so 700 ran a collection every ~18
+    # orders; at 7,000 a 30,000-order run had 15 (docs/performance.md).
+    gc_gen0_threshold: int = 7_000
 
 
 class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -376,6 +380,9 @@ def _validate(cfg: Config) -> None:
             if a not in assets:
                 raise ConfigError(f"markets.{m.symbol}: asset {a!r} is not declared in [[assets]]")
     _validate_ws(cfg.edge)
+    if cfg.edge.gc_gen0_threshold < 0:
+        raise ConfigError(f"edge.gc_gen0_threshold: must be >= 0 (0 = Python's default), "
+                          f"got {cfg.edge.gc_gen0_threshold!r}")
 
 
 # edge.ws_* fields and the smallest value each accepts (ws_flush_ms 0 = no batching wait).

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
 
-from core.obs import JsonFormatter, ProbeServer, loop_lag_monitor, redact
+from core.obs import JsonFormatter, ProbeServer, freeze_heap, loop_lag_monitor, redact
 from spotex.embedded import check_http
 
 
@@ -95,3 +96,16 @@ async def test_probe_server_exports_the_loop_lag() -> None:
     finally:
         await srv.stop()
     assert srv._lag is None
+
+
+def test_freeze_heap_freezes_and_sets_only_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        freeze_heap(logging.getLogger("test"), "test", gen0_threshold=before[0] * 3 + 1)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (before[0] * 3 + 1, before[1], before[2])
+        freeze_heap(logging.getLogger("test"), "test")  # 0: the thresholds stay as they are
+        assert gc.get_threshold() == (before[0] * 3 + 1, before[1], before[2])
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
