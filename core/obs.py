@@ -12,6 +12,11 @@
   milliseconds multiplies into tens of milliseconds per request: it is the first thing to look at
   when latency rises with load (docs/performance.md, "Where an order's 50 ms go").
 
+- ``python_gc_pause_seconds_total`` / ``python_gc_pause_max_seconds`` (by generation): the time the
+  cyclic garbage collector stopped the process (:func:`install_gc_timer`, installed with the lag
+  monitor). A collection stops the event loop like any other callback; these say how much of the
+  loop lag it explains (docs/performance.md, "Where the edge's CPU goes, and its garbage collector").
+
 It lives in ``core`` because ``core`` depends on nothing of ours and every other service may
 depend on ``core``; it holds no trading logic.
 """
@@ -25,10 +30,11 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from core.aio import stop_tasks
 
@@ -39,6 +45,7 @@ __all__ = [
     "ReadinessCheck",
     "configure_logging",
     "freeze_heap",
+    "install_gc_timer",
     "loop_lag_monitor",
     "redact",
 ]
@@ -67,6 +74,50 @@ def freeze_heap(log: logging.Logger, reason: str, gen0_threshold: int = 0) -> No
     log.info("heap frozen", extra={"reason": reason, "frozen_objects": gc.get_freeze_count(),
                                    "gc_threshold": gc.get_threshold(),
                                    "ms": round((time.perf_counter() - t0) * 1000, 1)})
+
+
+class _GcTimer:
+    """Times each collection from gc.callbacks into plain lists: no metric lock is taken inside the
+    collector (a scrape that allocates while holding one could start a collection and deadlock);
+    the collector object below reads them at scrape time."""
+
+    def __init__(self) -> None:
+        self.total_s = [0.0, 0.0, 0.0]
+        self.max_s = [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        d = time.perf_counter() - self._t0
+        g = info["generation"]
+        self.total_s[g] += d
+        if d > self.max_s[g]:
+            self.max_s[g] = d
+
+    def collect(self) -> Iterator[Metric]:
+        total = CounterMetricFamily("python_gc_pause", "Time the cyclic GC stopped the process, by generation",
+                                    labels=["generation"], unit="seconds")
+        worst = GaugeMetricFamily("python_gc_pause_max_seconds", "Longest single collection since start, "
+                                  "by generation", labels=["generation"])
+        for g in range(3):
+            total.add_metric([str(g)], self.total_s[g])
+            worst.add_metric([str(g)], self.max_s[g])
+        yield total
+        yield worst
+
+
+_GC_TIMER: _GcTimer | None = None
+
+
+def install_gc_timer(registry: CollectorRegistry = REGISTRY) -> None:
+    """Time every garbage collection of this process (idempotent: once per process)."""
+    global _GC_TIMER
+    if _GC_TIMER is None:
+        _GC_TIMER = _GcTimer()
+        gc.callbacks.append(_GC_TIMER)
+        registry.register(_GC_TIMER)
 
 
 async def loop_lag_monitor(interval_s: float = 0.25, stop: asyncio.Event | None = None,
@@ -181,6 +232,7 @@ class ProbeServer:
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        install_gc_timer()
         self._lag = asyncio.create_task(loop_lag_monitor(), name="loop-lag")
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])

@@ -39,7 +39,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from core.aio import stop_tasks
-from core.obs import loop_lag_monitor
+from core.obs import install_gc_timer, loop_lag_monitor
 from core.wire import MarketConfig, SymbolModeChanged, WithdrawalsHaltChanged, market_config_diff
 from edge.auth import (
     KeyStore,
@@ -519,6 +519,7 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
                 await state.hub.start()
         purge = asyncio.create_task(_purge_loop(state), name="edge-purge")
         mapping = asyncio.create_task(_mapping_loop(state), name="edge-mapping")
+        install_gc_timer()
         lag = asyncio.create_task(loop_lag_monitor(), name="edge-loop-lag")
         try:
             yield

@@ -109,3 +109,29 @@ def test_freeze_heap_freezes_and_sets_only_the_young_threshold() -> None:
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+def test_gc_timer_reports_each_generations_pause_time_and_worst_pause() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from core.obs import _GcTimer
+
+    timer = _GcTimer()
+    reg = CollectorRegistry()
+    reg.register(timer)
+    gc.callbacks.append(timer)
+    try:
+        junk = []
+        for _ in range(2000):  # cycles only the collector can free
+            a: list[object] = []
+            a.append(a)
+            junk.append(a)
+        del junk, a
+        gc.collect()
+    finally:
+        gc.callbacks.remove(timer)
+    assert timer.total_s[2] > 0 and 0 < timer.max_s[2] <= timer.total_s[2]
+    text = generate_latest(reg).decode()
+    assert f'python_gc_pause_seconds_total{{generation="2"}} {timer.total_s[2]!r}' in text
+    assert f'python_gc_pause_max_seconds{{generation="2"}} {timer.max_s[2]!r}' in text
+    assert 'python_gc_pause_seconds_total{generation="0"}' in text
