@@ -111,13 +111,13 @@ class _GcTimer:
 _GC_TIMER: _GcTimer | None = None
 
 
-def install_gc_timer(registry: CollectorRegistry = REGISTRY) -> None:
-    """Time every garbage collection of this process (idempotent: once per process)."""
+def install_gc_timer() -> None:
+    """Time every garbage collection of this process into the default registry (once per process)."""
     global _GC_TIMER
     if _GC_TIMER is None:
         _GC_TIMER = _GcTimer()
         gc.callbacks.append(_GC_TIMER)
-        registry.register(_GC_TIMER)
+        REGISTRY.register(_GC_TIMER)
 
 
 async def loop_lag_monitor(interval_s: float = 0.25, stop: asyncio.Event | None = None,
