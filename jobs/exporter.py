@@ -172,6 +172,9 @@ class Exporter:
         self.loss_checks = 0
         self.last_loss_check_at: float | None = None  # wall time of the last check that found no loss
         self._rewind_needed = False
+        # (topic, key) -> the partition aiokafka's default partitioner gives the key, for the life of
+        # one producer (a new producer reads the topics' partitions again).
+        self._partition_of: dict[tuple[str, bytes], int] = {}
         # A loss check is due: nothing is produced until it decided (set on a produce failure, when
         # the monitor sees the broker unreachable, and periodically).
         self._loss_check_due = True
@@ -258,6 +261,7 @@ class Exporter:
 
     async def _reset_producer(self) -> None:
         p, self.producer = self.producer, None
+        self._partition_of.clear()
         if p is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(p.stop(), 5)
@@ -280,6 +284,22 @@ class Exporter:
         oldest = min((e.occurred_at for e in evs), default=int(time.time() * 1000))
         return _Pending(msg, recs, oldest, stream, evs[-1].seq if evs else 0)
 
+    async def _by_partition(self, producer: Any, pend: list[_Pending]
+                            ) -> dict[tuple[str, int], list[tuple[_Pending, int]]]:
+        """The records still to send, as (pending, index) per (topic, partition), in EVT order."""
+        out: dict[tuple[str, int], list[tuple[_Pending, int]]] = {}
+        cache = self._partition_of
+        for p in pend:
+            for i, (topic, key, _, _) in enumerate(p.records):
+                part = cache.get((topic, key))
+                if part is None:
+                    from aiokafka.partitioner import DefaultPartitioner
+
+                    parts = sorted(await producer.partitions_for(topic))
+                    part = cache[(topic, key)] = DefaultPartitioner()(key, parts, parts)
+                out.setdefault((topic, part), []).append((p, i))
+        return out
+
     async def export_batch(self, msgs: Sequence[Any]) -> None:
         """Produce every record of ``msgs``; ack each message once all its records are acknowledged."""
         t0 = time.perf_counter()
@@ -301,35 +321,42 @@ class Exporter:
             producer = await self._ensure_producer()
             if producer is None:  # stopping
                 return
-            futs: list[tuple[_Pending, int, Any]] = []
-            failed_send = False
-            for p in pend:
-                for i, (topic, key, value, headers) in enumerate(p.records):
-                    try:
-                        fut = await producer.send(topic, value, key=key, headers=headers)
-                    except Exception as exc:
-                        self._note_error(exc)
-                        M_ERRORS.labels(type(exc).__name__).inc()
-                        self.errors += 1
-                        failed_send = True
-                        break
-                    futs.append((p, i, fut))
-                if failed_send:
-                    break
-            results = await asyncio.gather(*(f for _, _, f in futs), return_exceptions=True)
+            # One record batch per (topic, partition) instead of one send per record: aiokafka's
+            # per-record path runs its pure-Python murmur2 partitioner, a size estimate, a coroutine
+            # and a future for every record. Partitions are those the default partitioner picks for
+            # the key (the symbol), so the layout of the topics is what it always was.
+            sent: list[tuple[str, list[tuple[_Pending, int]], Any]] = []
+            try:
+                for (topic, part), members in (await self._by_partition(producer, pend)).items():
+                    batch = producer.create_batch()
+                    held: list[tuple[_Pending, int]] = []
+                    for p, i in members:
+                        _, key, value, headers = p.records[i]
+                        if batch.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                            sent.append((topic, held, await producer.send_batch(batch, topic, partition=part)))
+                            batch, held = producer.create_batch(), []
+                            batch.append(timestamp=None, key=key, value=value, headers=headers)  # always fits
+                        held.append((p, i))
+                    sent.append((topic, held, await producer.send_batch(batch, topic, partition=part)))
+            except Exception as exc:
+                self._note_error(exc)
+                M_ERRORS.labels(type(exc).__name__).inc()
+                self.errors += 1
+            results = await asyncio.gather(*(f for _, _, f in sent), return_exceptions=True)
             done: dict[int, set[int]] = {}
             first: dict[tuple[str, int], int] = {}
-            for (p, i, _), res in zip(futs, results, strict=True):
+            for (topic, held, _), res in zip(sent, results, strict=True):
                 if isinstance(res, BaseException):
                     self._note_error(res)
-                    M_ERRORS.labels(type(res).__name__).inc()
-                    self.errors += 1
+                    M_ERRORS.labels(type(res).__name__).inc(len(held))
+                    self.errors += len(held)
                     continue
-                done.setdefault(id(p), set()).add(i)
-                topic = p.records[i][0]
-                M_PRODUCED.labels(topic).inc()
-                self.produced += 1
+                for p, i in held:
+                    done.setdefault(id(p), set()).add(i)
+                M_PRODUCED.labels(topic).inc(len(held))
+                self.produced += len(held)
                 tp = (topic, int(res.partition))
+                # res.offset is the batch's base offset: its first record's.
                 first[tp] = min(first.get(tp, int(res.offset)), int(res.offset))
             self.acked_mark.update(first)
             still: list[_Pending] = []

@@ -88,6 +88,14 @@ def test_exports_every_event_with_ids_in_headers(nats_srv: RunningServer, kafka_
             finally:
                 await c.stop()
             assert recs
+            # The key's partition is the one Kafka's default (murmur2) partitioner gives it, as a
+            # per-record producer would have chosen, and a partition holds the symbol's events in
+            # EVT order.
+            from aiokafka.partitioner import DefaultPartitioner
+
+            assert {m.partition for m in recs} == {DefaultPartitioner()(s.encode(), [0, 1], [0, 1])}
+            seqs = [int(dict(m.headers)["spotex-seq"]) for m in recs]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
             m = recs[0]
             h = {k: v.decode() for k, v in m.headers}
             body = json.loads(m.value)
