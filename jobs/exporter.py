@@ -88,6 +88,10 @@ class ExporterOptions(msgspec.Struct, frozen=True, kw_only=True):
     enable_idempotence: bool = False
     partitions: int = 3
     fetch_batch: int = 256
+    # After a fetch that did not fill fetch_batch, wait this long before the next one, so a round
+    # (fetch, produce, acks) carries several EVT messages instead of one: each round costs the
+    # exporter and the broker ~1.5 ms of CPU whatever it carries. 0: fetch again at once.
+    batch_wait_ms: int = 50
     ack_wait_s: float = 30.0
     request_timeout_ms: int = 5_000
     retry_backoff_min_ms: int = 200
@@ -159,6 +163,7 @@ class Exporter:
         self.produced = 0
         self.errors = 0
         self.acked_msgs = 0
+        self.rounds = 0  # fetched batches exported (each: fetch, produce, acks)
         self.rewinds = 0
         self.backlog = 0
         self.lag_ms = 0
@@ -303,6 +308,7 @@ class Exporter:
     async def export_batch(self, msgs: Sequence[Any]) -> None:
         """Produce every record of ``msgs``; ack each message once all its records are acknowledged."""
         t0 = time.perf_counter()
+        self.rounds += 1
         pend: list[_Pending] = []
         for m in msgs:
             try:
@@ -447,6 +453,8 @@ class Exporter:
                         await self._bind(rewind=False)
                     continue
                 await self.export_batch(msgs)
+                if self.opts.batch_wait_ms > 0 and len(msgs) < self.opts.fetch_batch:
+                    await self._sleep(self.opts.batch_wait_ms / 1000)
         finally:
             await self.close()
 
@@ -645,7 +653,8 @@ class Exporter:
         return {
             "durable": self.opts.durable, "bootstrap": self.opts.bootstrap,
             "broker_reachable": self.reachable, "produced": self.produced, "produce_errors": self.errors,
-            "acked_messages": self.acked_msgs, "backlog_messages": self.backlog, "lag_ms": self.lag_ms,
+            "acked_messages": self.acked_msgs, "rounds": self.rounds, "backlog_messages": self.backlog,
+            "lag_ms": self.lag_ms,
             "lag_seq": dict(self.lag_seq), "exported_seq": dict(self.exported_seq), "rewinds": self.rewinds,
             "rewind_pending": self._rewind_needed, "loss_check_due": self._loss_check_due,
             "loss_checks": self.loss_checks, "last_loss_check_at": self.last_loss_check_at,
@@ -661,6 +670,7 @@ def options_from_config(ctx: Any, **over: Any) -> ExporterOptions:
         nats_url=ctx.endpoints.nats_url, bootstrap=ctx.endpoints.kafka_bootstrap, evt_stream=cfg.nats.evt_stream,
         durable=k.exporter_durable, topic_prefix=k.topic_prefix, acks=k.acks,
         enable_idempotence=k.enable_idempotence, partitions=k.partitions, fetch_batch=k.exporter_fetch_batch,
+        batch_wait_ms=k.exporter_batch_wait_ms,
         request_timeout_ms=k.request_timeout_ms, retry_backoff_max_ms=k.retry_backoff_max_ms,
         rewind_on_broker_loss=k.rewind_on_broker_loss)
     base.update(over)

@@ -38,6 +38,7 @@ class LedgerOptions(msgspec.Struct, frozen=True, kw_only=True):
     durable: str = "ledger"
     batch_max_events: int = 500
     fetch_max_msgs: int = 64
+    batch_wait_ms: int = 20
     ack_wait_s: float = 30.0
     pool_min: int = 2
     pool_max: int = 8
@@ -56,7 +57,7 @@ class LedgerOptions(msgspec.Struct, frozen=True, kw_only=True):
         lc = cfg.ledger
         return cls(nats_url=endpoints.nats_url, pg_dsn=endpoints.pg_dsn, evt_stream=cfg.nats.evt_stream,
                    durable=lc.consumer_name, batch_max_events=lc.batch_max, fetch_max_msgs=lc.fetch_max_msgs,
-                   ack_wait_s=lc.ack_wait_s, pool_min=min(2, cfg.postgres.pool_max),
+                   batch_wait_ms=lc.batch_wait_ms, ack_wait_s=lc.ack_wait_s, pool_min=min(2, cfg.postgres.pool_max),
                    pool_max=max(4, cfg.postgres.pool_max), warn_seq=lc.lag_warn_seq,
                    throttle_seq=lc.lag_throttle_seq, halt_seq=lc.lag_halt_seq, lag_breach_s=lc.lag_breach_s,
                    reconcile_interval_s=lc.reconcile_interval_s, invariants_interval_s=lc.invariants_interval_s,
@@ -213,6 +214,7 @@ class LedgerService:
         self.consumer = SettlementConsumer(self.book, self.js, ConsumerOptions(
             evt_stream=self.opts.evt_stream, durable=self.opts.durable, fetch_max_msgs=self.opts.fetch_max_msgs,
             batch_max_events=self.opts.batch_max_events, ack_wait_s=self.opts.ack_wait_s,
+            batch_wait_s=self.opts.batch_wait_ms / 1000,
             chaos_drop_ack_ratio=self.opts.chaos_drop_ack_ratio))
         self.consumer.outcome_hooks.append(self._on_outcome)
         tasks = [asyncio.create_task(self.consumer.run(), name="consumer"),
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe-port", type=int, default=0)
     ap.add_argument("--batch-max", type=int, default=500)
     ap.add_argument("--fetch-max", type=int, default=64)
+    ap.add_argument("--batch-wait-ms", type=int, default=20)
     ap.add_argument("--ack-wait-s", type=float, default=30.0)
     ap.add_argument("--no-reconcile", action="store_true", help="settle only: no lag latch, no alert responses")
     ap.add_argument("--chaos-drop-ack-ratio", type=float, default=0.0)
@@ -291,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("ledger", a.log_level)
     opts = LedgerOptions(nats_url=a.nats_url, pg_dsn=a.pg_dsn, evt_stream=a.evt_stream, durable=a.durable,
                          batch_max_events=a.batch_max, fetch_max_msgs=a.fetch_max, ack_wait_s=a.ack_wait_s,
+                         batch_wait_ms=a.batch_wait_ms,
                          reconcile=not a.no_reconcile, chaos_drop_ack_ratio=a.chaos_drop_ack_ratio)
     try:
         import uvloop

@@ -689,6 +689,10 @@ class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
     # nats-py's fetch, once a message has arrived on a waiting pull, waits out the whole timeout for
     # the rest of the batch: keep it short or an idle-then-busy stream pays it as settlement lag.
     fetch_wait_s: float = 0.02
+    # After a fetch that did not fill fetch_max_msgs, wait this long before the next one, so that a
+    # transaction settles several EVT messages: at a live rate a fetch otherwise returns the one
+    # message the core just published, and every transaction costs a commit whatever it carries.
+    batch_wait_s: float = 0.0
     max_ack_pending: int = 20_000
     # Chaos only (drills): leave this share of messages unacked so JetStream redelivers them.
     chaos_drop_ack_ratio: float = 0.0
@@ -1006,6 +1010,9 @@ class SettlementConsumer:
                             predicted_tx[0] = p.plan.next_tx
                             await q.put(p)
                         await asyncio.sleep(0)
+                    if self.opts.batch_wait_s > 0 and len(msgs) < self.opts.fetch_max_msgs:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.stop.wait(), self.opts.batch_wait_s)
             finally:
                 with contextlib.suppress(asyncio.QueueFull):
                     q.put_nowait(None)

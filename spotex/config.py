@@ -85,6 +85,9 @@ class KafkaSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     partitions: int = 3
     exporter_durable: str = "exporter"
     exporter_fetch_batch: int = 256
+    # After a short fetch, the exporter waits this long before the next (more messages per round,
+    # less CPU; adds at most this much to the export lag). 0: fetch again at once.
+    exporter_batch_wait_ms: int = 50
     request_timeout_ms: int = 5_000
     retry_backoff_max_ms: int = 5_000
     # Memory-storage brokers lose every record on restart: re-export EVT from its start when the
@@ -146,6 +149,9 @@ class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     lag_breach_s: float = 5.0
     consumer_name: str = "ledger"
     fetch_max_msgs: int = 64
+    # After a short fetch the settlement consumer waits this long before the next, so a transaction
+    # settles several EVT messages (fewer commits, less CPU); adds at most this much to the lag.
+    batch_wait_ms: int = 20
     ack_wait_s: float = 30.0
     reconcile_interval_s: float = 1.0
     invariants_interval_s: float = 10.0
@@ -380,6 +386,10 @@ def _validate(cfg: Config) -> None:
             if a not in assets:
                 raise ConfigError(f"markets.{m.symbol}: asset {a!r} is not declared in [[assets]]")
     _validate_ws(cfg.edge)
+    for key, value in (("kafka.exporter_batch_wait_ms", cfg.kafka.exporter_batch_wait_ms),
+                       ("ledger.batch_wait_ms", cfg.ledger.batch_wait_ms)):
+        if not 0 <= value <= 1_000:
+            raise ConfigError(f"{key}: must be between 0 and 1000 (ms), got {value!r}")
     if cfg.edge.gc_gen0_threshold < 0:
         raise ConfigError(f"edge.gc_gen0_threshold: must be >= 0 (0 = Python's default), "
                           f"got {cfg.edge.gc_gen0_threshold!r}")

@@ -110,6 +110,36 @@ def test_exports_every_event_with_ids_in_headers(nats_srv: RunningServer, kafka_
     asyncio.run(go())
 
 
+def test_waits_after_a_short_fetch_so_one_round_exports_many_messages(nats_srv: RunningServer,
+                                                                      kafka_srv: RunningServer) -> None:
+    """With batch_wait_ms the exporter waits after a fetch that did not fill its batch: messages the
+    core publishes one at a time meanwhile go out in one round (fetch, produce, acks)."""
+    async def go() -> None:
+        nc = await nats.connect(nats_srv.url)
+        w = EvtWriter(nc.jetstream())
+        await w.setup()
+        s = f"AW{uuid.uuid4().hex[:4].upper()}-USDT"
+        opts, _ = _opts(nats_srv.url, kafka_srv.url, batch_wait_ms=1000)
+        exp = Exporter(opts)
+        await exp.connect_nats()
+        task = asyncio.create_task(exp.run())
+        try:
+            await w.publish(s, 3, per_msg=3)
+            await _until(lambda: exp.exported_seq.get(s) == 3, 30, "the first message exported")
+            for _ in range(12):  # one message at a time, inside the exporter's wait
+                await w.publish(s, 3, per_msg=3)
+                await asyncio.sleep(0.01)
+            await _caught_up(exp, nc)
+            assert exp.exported_seq[s] == 39
+            assert exp.status()["rounds"] <= 4, exp.status()
+        finally:
+            exp.stopping.set()
+            await task
+            await nc.close()
+
+    asyncio.run(go())
+
+
 def test_verify_counts_unacknowledged_events_in_flight_not_missing(nats_srv: RunningServer,
                                                                    kafka_srv: RunningServer) -> None:
     """Events the exporter has not acknowledged yet are not owed to Kafka: with its durable consumer

@@ -399,6 +399,31 @@ async def test_consumer_settles_evt_and_resumes_after_a_crash_without_acks(pool:
         assert await c.fetchval("SELECT count(*) FROM ledger_alerts") == 0
 
 
+async def test_consumer_waits_after_a_short_fetch_so_one_transaction_settles_many_messages(
+        pool: asyncpg.Pool, nats_srv: Any) -> None:
+    """At a live rate each fetch finds the one message the core just published; with batch_wait_s the
+    consumer waits after a short fetch, and what arrived meanwhile settles in one transaction."""
+    eng, ds = engine_feed(60, seed=21)
+    assert len(ds) >= 12
+    async with Bus(nats_srv.url) as bus:
+        c = SettlementConsumer(Book(pool), bus.js, ConsumerOptions(fetch_max_msgs=64, batch_wait_s=1.0))
+        task = asyncio.create_task(c.run())
+        await bus.publish(ds[:1])
+
+        async def first_settled() -> bool:
+            return c.batches >= 1
+
+        await wait_for(first_settled, what="the first message settled")
+        for d in ds[1:]:  # one at a time, as a core publishes them, inside the consumer's wait
+            await bus.publish([d])
+            await asyncio.sleep(0.01)
+        await wait_for(lambda: caught_up(pool, last_seqs(ds)), what="everything settled")
+        c.stop.set()
+        await task
+    assert c.batches <= 3, f"{len(ds)} messages published one at a time took {c.batches} transactions"
+    await assert_matches_engine(pool, eng)
+
+
 async def _no_ack(msgs: Any) -> None:
     for _ in msgs:
         pass
