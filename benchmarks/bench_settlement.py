@@ -237,6 +237,7 @@ async def run_async(trades: int, nats_url: str, pg_dsn: str, *, batch_max: int =
     from ledger.invariants import run_invariants
     from ledger.migrate import migrate
     from ledger.settlement import BatchOutcome, Book, ConsumerOptions, SettlementConsumer
+    from spotex.config import LedgerSection
 
     await migrate(pg_dsn)
     nc = await nats.connect(nats_url)
@@ -251,7 +252,11 @@ async def run_async(trades: int, nats_url: str, pg_dsn: str, *, batch_max: int =
         publish_s = time.perf_counter() - t0
     pool = await asyncpg.create_pool(pg_dsn, min_size=2, max_size=4)
     book = Book(pool)
-    consumer = SettlementConsumer(book, js, ConsumerOptions(batch_max_events=batch_max, fetch_max_msgs=fetch_max))
+    # Live: the service's wait after a short fetch (ledger.batch_wait_ms), as `spotex up` runs it. A
+    # drain's fetches are full and never wait.
+    wait_s = LedgerSection().batch_wait_ms / 1000 if live_rate is not None else 0.0
+    consumer = SettlementConsumer(book, js, ConsumerOptions(batch_max_events=batch_max, fetch_max_msgs=fetch_max,
+                                                            batch_wait_s=wait_s))
     commits: list[float] = []
     locked: list[float] = []
     replans = [0]

@@ -689,10 +689,14 @@ class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
     # nats-py's fetch, once a message has arrived on a waiting pull, waits out the whole timeout for
     # the rest of the batch: keep it short or an idle-then-busy stream pays it as settlement lag.
     fetch_wait_s: float = 0.02
-    # After a fetch that did not fill fetch_max_msgs, wait this long before the next one, so that a
-    # transaction settles several EVT messages: at a live rate a fetch otherwise returns the one
-    # message the core just published, and every transaction costs a commit whatever it carries.
+    # After a fetch that brought fewer than batch_wait_below_events events, wait this long before
+    # the next one, so that a transaction settles several EVT messages: at a live rate of ~100
+    # messages/s a fetch otherwise returns the one message the core just published, and every
+    # transaction costs a commit whatever it carries. A fetch with more events than that already
+    # amortises its commit and does not wait, so a busy consumer (a backlog, a high live rate) never
+    # idles on purpose.
     batch_wait_s: float = 0.0
+    batch_wait_below_events: int = 100
     max_ack_pending: int = 20_000
     # Chaos only (drills): leave this share of messages unacked so JetStream redelivers them.
     chaos_drop_ack_ratio: float = 0.0
@@ -1001,8 +1005,10 @@ class SettlementConsumer:
                         return
                     # Decode and plan a batch at a time, yielding in between: a whole fetch at once
                     # would hold the event loop (and the commit in flight) for tens of milliseconds.
+                    fetched_events = 0
                     for chunk in self._chunks(msgs):
                         deliveries, skipped = self._decode(chunk)
+                        fetched_events += sum(len(d.events) for d in deliveries)
                         await self._ack(skipped)
                         for group in self._groups(deliveries):
                             p = prepare(group, predicted, predicted_tx[0], confirmed_gaps=self.confirmed)
@@ -1010,7 +1016,7 @@ class SettlementConsumer:
                             predicted_tx[0] = p.plan.next_tx
                             await q.put(p)
                         await asyncio.sleep(0)
-                    if self.opts.batch_wait_s > 0 and len(msgs) < self.opts.fetch_max_msgs:
+                    if self.opts.batch_wait_s > 0 and fetched_events < self.opts.batch_wait_below_events:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self.stop.wait(), self.opts.batch_wait_s)
             finally:
