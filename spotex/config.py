@@ -149,8 +149,9 @@ class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     lag_breach_s: float = 5.0
     consumer_name: str = "ledger"
     fetch_max_msgs: int = 64
-    # After a short fetch the settlement consumer waits this long before the next, so a transaction
-    # settles several EVT messages (fewer commits, less CPU); adds at most this much to the lag.
+    # After a fetch that brought fewer than 100 events the settlement consumer waits this long before
+    # the next, so a transaction settles several EVT messages (fewer commits, less CPU); adds at most
+    # this much to the lag. 0: fetch again at once.
     batch_wait_ms: int = 20
     ack_wait_s: float = 30.0
     reconcile_interval_s: float = 1.0
