@@ -472,6 +472,8 @@ class Reconciler:
 
     async def tick(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         now = time.monotonic() if now is None else now
+        async with self.pool.acquire() as conn:  # the database's clock before the engine's seqs are read
+            snapshot = await conn.fetchval("SELECT clock_timestamp()")
         report = await lag_report(self.pool, self.js, self.opts.evt_stream)
         async with self.pool.acquire() as conn:
             for stream, r in report.items():
@@ -513,17 +515,24 @@ class Reconciler:
                     ticket = f"LEDGER-LAG-{stream}-{int(time.time())}"
                     await engage_latch(self.pool, self.admin, stream, mode, f"lag:{t}", reason, ticket,
                                        {"lag": lag, "engine_seq": r["engine_seq"], "ledger_seq": r["ledger_seq"]})
-        await self._reassert(report, now)
+        await self._reassert(report, now, snapshot)
         self.last = report
         return report
 
-    async def _reassert(self, report: dict[str, dict[str, Any]], now: float) -> None:
+    async def _reassert(self, report: dict[str, dict[str, Any]], now: float, snapshot: Any) -> None:
         """An engaged latch holds its mode: if the core's mode (as the ledger, caught up, last saw it)
-        is looser, send it again (audited, rate-limited)."""
+        is looser, send it again (audited).
+
+        A latch engaged or escalated after ``snapshot`` (the database's clock before the report read the
+        engine's seqs) waits for the next tick: the report cannot show the latch's own command, so a
+        core not yet in the latch's mode is not yet loose. The rate limit (``reassert_s``) holds while
+        the core stays loose; once the core is seen holding the mode, the next loosening is answered at
+        once."""
         if self.admin is None:
             return
         async with self.pool.acquire() as conn:
-            latches = await conn.fetch("SELECT symbol, mode FROM ledger_latches WHERE engaged")
+            latches = await conn.fetch("SELECT symbol, mode FROM ledger_latches WHERE engaged AND updated_at < $1",
+                                       snapshot)
             modes = {r["symbol"]: r["mode"] for r in await conn.fetch("SELECT symbol, mode FROM ledger_markets")}
             halt = await conn.fetchval("SELECT value FROM ledger_core_flags WHERE name = 'withdrawals_halt'")
         for latch in latches:
@@ -536,7 +545,10 @@ class Reconciler:
                 loose = halt != "on"
             else:
                 loose = MODE_RANK.get(modes.get(sym, "NORMAL"), 0) < MODE_RANK[latch["mode"]]
-            if not loose or now - self.last_reassert.get(sym, -1e9) < self.opts.reassert_s:
+            if not loose:
+                self.last_reassert.pop(sym, None)
+                continue
+            if now - self.last_reassert.get(sym, -1e9) < self.opts.reassert_s:
                 continue
             self.last_reassert[sym] = now
             reason = f"safety latch on {sym} holds {latch['mode']}; release it through the latch release"

@@ -214,3 +214,41 @@ async def test_latch_reasserts_its_mode_when_the_core_is_looser(pool: asyncpg.Po
             await rec.tick()
             sent = await cmds.settle(1)
         assert any(isinstance(c, SetSymbolMode) and c.symbol == sym and c.mode is SymbolMode(mode) for c in sent)
+
+
+async def test_latch_answers_each_loosening_and_waits_for_its_own_command(pool: asyncpg.Pool,
+                                                                          nats_srv: Any) -> None:
+    """The rate limit holds while the core stays loose, not across episodes: once the core is seen
+    in the latch's mode, the next loosening is answered on the next tick. A latch engaged after a
+    tick's snapshot is not judged by that tick (its own command cannot show yet)."""
+    async with Bus(nats_srv.url) as bus:
+        sym = await engaged_and_caught_up(pool, bus)
+        rec = Reconciler(pool, bus.js, CoreAdmin(pool, bus.js), OPTS)
+
+        async def core_mode(m: str) -> None:  # what the ledger last saw of the core's mode
+            async with pool.acquire() as c:
+                await c.execute("INSERT INTO ledger_markets (symbol, base, quote, mode, mode_seq) VALUES ($1, '', '', "
+                                "$2, 1) ON CONFLICT (symbol) DO UPDATE SET mode = $2", sym, m)
+
+        def reasserts(cmds: list[Any]) -> int:
+            return sum(isinstance(c, SetSymbolMode) and c.symbol == sym and c.mode is SymbolMode.CANCEL_ONLY
+                       for c in cmds)
+
+        async with Cmds(bus) as cmds:
+            await core_mode("NORMAL")
+            await rec.tick(now=1000.0)
+            assert reasserts(await cmds.settle(1)) == 1
+            await rec.tick(now=1001.0)  # still loose, inside reassert_s: not sent again
+            await core_mode("CANCEL_ONLY")
+            await rec.tick(now=1002.0)  # the core holds the mode
+            await core_mode("NORMAL")  # an operator loosens it again
+            await rec.tick(now=1003.0)
+            assert reasserts(await cmds.settle(2)) == 2
+
+        async with pool.acquire() as c:  # the latch changed after the next tick's snapshot
+            await c.execute("UPDATE ledger_latches SET updated_at = clock_timestamp() + interval '1 hour' "
+                            "WHERE symbol = $1", sym)
+        rec2 = Reconciler(pool, bus.js, CoreAdmin(pool, bus.js), OPTS)
+        async with Cmds(bus) as cmds:
+            await rec2.tick(now=2000.0)
+            assert reasserts(await cmds.settle(1)) == 0
