@@ -1,4 +1,5 @@
-"""One real stack (with the demo market maker, so trades flow) for the cockpit's Pilot tests."""
+"""One real stack (with the demo market maker, so trades flow) for the cockpit's Pilot tests, stopped after
+the last test of tests/cockpit (its demo trader would otherwise load the machine for the rest of the run)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class CockpitStack:
     approver: OperatorKey  # role approver only: latch releases
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cockpit_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CockpitStack]:
     op, viewer, approver = _key(), _key(), _key()
     keys = {op.public_hex: ["operator", "admin"], viewer.public_hex: ["viewer"], approver.public_hex: ["approver"]}
