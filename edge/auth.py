@@ -716,6 +716,7 @@ class OperatorKeyStore:
 
     @classmethod
     def from_config(cls, security: SecuritySection, pool: asyncpg.Pool | None = None, **kw: Any) -> OperatorKeyStore:
+        kw.setdefault("cache_ttl_s", security.operator_cache_ttl_s)
         return cls(security.admin_keys, pool, **kw)
 
     async def add(self, public_key: bytes | str | Ed25519PublicKey, name: str,

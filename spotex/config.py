@@ -193,6 +193,10 @@ class SecuritySection(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     master_key_file: str | None = None
     # Ed25519 public keys (hex or PEM) trusted to sign the policy bundle ([jobs] budgets_file): jobs/policy.py.
     policy_signer_keys: list[str] = msgspec.field(default_factory=list)
+    # How long (s) the edge trusts a cached operator identity: a role change, revocation or JIT grant
+    # made by another process (the CLI, another edge) takes effect within it. An expiring grant is
+    # never honoured past its expiry whatever this is. 0 < value <= 300.
+    operator_cache_ttl_s: float = 10.0
 
 
 class AssetSpec(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -391,6 +395,9 @@ def _validate(cfg: Config) -> None:
                        ("ledger.batch_wait_ms", cfg.ledger.batch_wait_ms)):
         if not 0 <= value <= 1_000:
             raise ConfigError(f"{key}: must be between 0 and 1000 (ms), got {value!r}")
+    if not 0 < cfg.security.operator_cache_ttl_s <= 300:
+        raise ConfigError(f"security.operator_cache_ttl_s: must be > 0 and <= 300 (s), "
+                          f"got {cfg.security.operator_cache_ttl_s!r}")
     if cfg.edge.gc_gen0_threshold < 0:
         raise ConfigError(f"edge.gc_gen0_threshold: must be >= 0 (0 = Python's default), "
                           f"got {cfg.edge.gc_gen0_threshold!r}")

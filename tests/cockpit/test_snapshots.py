@@ -254,6 +254,49 @@ async def test_lag_playbook_offers_the_throttle_controls() -> None:
             assert not isinstance(app.screen, ControlScreen)
 
 
+async def test_control_fields_stay_put_while_the_impact_loads() -> None:
+    """The impact (below reason and ticket) grows from one line to several when the fresh server state
+    arrives. The fields above it must not move meanwhile: with the dialog centred they rose 4 rows, and a
+    click aimed at reason as the impact appeared landed on ticket (the live throttle test saw exactly that)."""
+    import asyncio
+
+    from textual.widgets import Input, Static
+
+    from cockpit.app import ControlScreen
+
+    key = OperatorKey.from_hex("11" * 32)
+    app = CockpitApp(StaticPoller(_snapshot(SourceState.LIVE), "http://edge.invalid", key),
+                     roles=frozenset({"operator"}), poll_interval=0, jobs=CONFIG_JOBS)
+    fresh = app.fresh_snapshot
+    release = asyncio.Event()
+
+    async def held_fresh_snapshot() -> Snapshot | None:
+        await release.wait()
+        return await fresh()
+
+    app.fresh_snapshot = held_fresh_snapshot  # type: ignore[method-assign]
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.pause()
+        app.open_control("clear_throttle", symbol="BTC-USDT", option="operator")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, ControlScreen)
+
+        def rows() -> tuple[int, int, int]:
+            return (screen.query_one("#reason", Input).region.y, screen.query_one("#ticket", Input).region.y,
+                    screen.query_one("#impact", Static).region.height)
+
+        before = rows()
+        release.set()
+        for _ in range(50):
+            await pilot.pause(0.02)
+            if rows()[2] > before[2] + 2:
+                break
+        after = rows()
+        assert after[2] > before[2] + 2, (before, after)  # the impact did grow
+        assert after[:2] == before[:2], (before, after)
+
+
 # The first approval of ETH-USDT's latch release, recorded by the edge (202) and awaiting a second approver.
 BOB = "bob:fedcba9876543210"
 APPROVAL = {"actor": BOB, "ticket": "INC-45", "auditSeq": 4, "tsMs": int(AT * 1000) - 20_000,

@@ -283,7 +283,9 @@ def test_jit_grant_through_the_signed_admin_api(tmp_path: Path) -> None:
     keys = {n: Ed25519PrivateKey.generate() for n in ("a", "b")}
     cfg = {pub(k): ["viewer"] for k in keys.values()}
     body = {"reason": "jit test", "ticket": "INC-5", "ttl_s": 60}
-    with stack(tmp_path / "stack", env={"SPOTEX_SECURITY__ADMIN_KEYS": json.dumps(cfg)}) as st:
+    # A 1 s operator cache (default 10 s): the grant and the revocation below are made by other processes.
+    with stack(tmp_path / "stack", env={"SPOTEX_SECURITY__ADMIN_KEYS": json.dumps(cfg),
+                                        "SPOTEX_SECURITY__OPERATOR_CACHE_TTL_S": "1"}) as st:
         edge = st.endpoint("edge")
         env = {**os.environ, **st.env, "SPOTEX_DATA_DIR": str(st.data_dir), "ACCESS_OUT_DIR": str(tmp_path / "ev")}
         r = _edge_call(edge, keys["a"], body)
@@ -296,7 +298,7 @@ def test_jit_grant_through_the_signed_admin_api(tmp_path: Path) -> None:
         ann = json.loads(binding.read_text())["metadata"]["annotations"]
         assert binding.name.startswith("jit-alice-") and binding.parent == tmp_path / "ev"
         assert (ann["ticket-id"], ann["reason"], ann["granted-by"]) == ("INC-5", "incident 5 mitigation", "boss")
-        # The edge's key cache (10 s) may still hold the refused identity: poll until the grant shows.
+        # The edge's key cache (1 s here) may still hold the refused identity: poll until the grant shows.
         deadline = time.monotonic() + 40
         while (r := _edge_call(edge, keys["a"], body)).status_code == 403 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -309,8 +311,9 @@ def test_jit_grant_through_the_signed_admin_api(tmp_path: Path) -> None:
             time.sleep(0.5)
         assert r.status_code == 403 and r.json()["code"] == "AUTH_ROLE", r.text
 
-        # Expiry: a 1-minute grant made 40 s ago (the library takes the clock) on a key the edge has
-        # not seen yet; allowed now, refused once expires_at has passed, with no revocation.
+        # Expiry: a 1-minute grant made 50 s ago (the library takes the clock) on a key the edge has
+        # not seen yet; allowed now, refused once expires_at has passed, with no revocation. The edge
+        # caches the identity only until the grant expires, so the refusal owes nothing to the 1 s TTL.
         c = _load(str(st.data_dir), None)
 
         async def grant_b() -> access.JitGrant:
@@ -318,7 +321,7 @@ def test_jit_grant_through_the_signed_admin_api(tmp_path: Path) -> None:
             try:
                 return await access.grant(pool, cfg, user="bob", key=pub(keys["b"]), role="operator", ticket="INC-6",
                                           reason="short", minutes=1, actor="boss",
-                                          now_ms=time.time_ns() // 1_000_000 - 40_000)
+                                          now_ms=time.time_ns() // 1_000_000 - 50_000)
             finally:
                 await pool.close()
 

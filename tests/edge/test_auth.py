@@ -545,6 +545,9 @@ async def test_operator_store_from_config_without_db() -> None:
     assert (await keys.get("00" * 32)) is None
     with pytest.raises(RuntimeError):
         await keys.revoke(pub_hex(k))
+    # security.operator_cache_ttl_s sets how long an identity is trusted (10 s unless configured).
+    assert keys._ttl == 10.0
+    assert OperatorKeyStore.from_config(SecuritySection(operator_cache_ttl_s=1.5))._ttl == 1.5
 
 
 # --- errors: problem+json and the code registry ---------------------------------------------------
