@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-import httpx
 from rich.markup import escape
 from rich.text import Text
 from textual import on, work
@@ -26,7 +25,7 @@ from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Sel
 
 from cockpit import model as cm
 from cockpit.commands import COMMANDS, CommandsProvider, bindings, by_id, key_label
-from cockpit.controls import CONTROLS, MAX_THROTTLE, ControlRequest, PendingAction, send
+from cockpit.controls import CONTROLS, MAX_THROTTLE, ControlRequest, PendingAction, control_client, send
 from cockpit.model import DASHBOARDS, TILES, Model, TileSpec, fmt_value, level, sparkline
 from cockpit.playbooks import PLAYBOOKS
 from cockpit.sources import SOURCE_NAMES, Poller, Snapshot, SourceState
@@ -280,7 +279,7 @@ class CockpitApp(App[None]):
         self.model = Model()
         self.actions: list[PendingAction] = []
         self._readonly_reason = readonly_reason
-        self._client = httpx.AsyncClient(timeout=10.0)
+        self._client = control_client()
         self.selected_symbol: str | None = None
         self.audit_state: tuple[str, str] = ("UNKNOWN", "not polled yet")
         self.polls = 0

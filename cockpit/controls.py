@@ -328,6 +328,14 @@ class SendResult:
     status: str | None = None  # the body's "status" (AWAITING_SECOND_APPROVER for a 202 first approval)
 
 
+def control_client() -> httpx.AsyncClient:
+    """The HTTP client controls are sent with: a new connection for every control. Controls are minutes
+    apart and a signed, audited POST is not retried (the edge may have acted on it), so a pooled
+    connection would mostly be one the edge's keep-alive timeout (uvicorn: 5 s) is closing as the
+    request goes out, and the control would fail with ``ReadError`` without reaching the edge."""
+    return httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 async def send(client: httpx.AsyncClient, edge_url: str, key: OperatorKey, req: ControlRequest) -> SendResult:
     """POST the signed request. Never raises for an HTTP refusal."""
     path, payload = req.http()
