@@ -32,7 +32,7 @@ async def run(ctx: ServiceContext) -> None:
     port = ctx.probe_port or cfg.edge.port
     config = uvicorn.Config(app, host=cfg.edge.host, port=port, log_level="warning", access_log=False,
                             lifespan="on", loop="none", http="httptools", timeout_graceful_shutdown=10,
-                            server_header=False)
+                            timeout_keep_alive=cfg.edge.keep_alive_s, server_header=False)
     server = uvicorn.Server(config)
     # We own the signals: uvicorn's handlers would be installed on its own loop otherwise.
     setattr(server, "install_signal_handlers", lambda: None)  # noqa: B010 - absent on newer uvicorn

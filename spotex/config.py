@@ -137,6 +137,11 @@ class EdgeSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     # it). In-flight requests hold ~1,000 short-lived objects each, so 700 ran a collection every ~18
     # orders; at 7,000 a 30,000-order run had 15 (docs/performance.md).
     gc_gen0_threshold: int = 7_000
+    # Seconds an idle HTTP keep-alive connection stays open (uvicorn's default is 5). A client reusing a
+    # pooled connection as the server closes it gets a reset, and a POST is not safely retried; keeping
+    # the server's timeout above the clients' (httpx 5 s, aiohttp 15 s) and a
+    # balancer's idle timeout (typically 60 s) makes the server's close the rare case. 1..3600.
+    keep_alive_s: int = 65
 
 
 class LedgerSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -398,6 +403,8 @@ def _validate(cfg: Config) -> None:
     if not 0 < cfg.security.operator_cache_ttl_s <= 300:
         raise ConfigError(f"security.operator_cache_ttl_s: must be > 0 and <= 300 (s), "
                           f"got {cfg.security.operator_cache_ttl_s!r}")
+    if not 1 <= cfg.edge.keep_alive_s <= 3_600:
+        raise ConfigError(f"edge.keep_alive_s: must be between 1 and 3600 (s), got {cfg.edge.keep_alive_s!r}")
     if cfg.edge.gc_gen0_threshold < 0:
         raise ConfigError(f"edge.gc_gen0_threshold: must be >= 0 (0 = Python's default), "
                           f"got {cfg.edge.gc_gen0_threshold!r}")

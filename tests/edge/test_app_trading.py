@@ -38,6 +38,29 @@ def test_probes(env: Env) -> None:
     assert httpx.get(env.edge + "/schema/openapi.json").status_code == 200
 
 
+def test_an_idle_connection_outlives_a_clients_pool_expiry(env: Env) -> None:
+    """edge.keep_alive_s (65 s): a connection idle for 6 s, past httpx's 5 s pool expiry and uvicorn's
+    5 s default, still takes a request. With the server closing first, a client's request could go out
+    on a connection being closed under it and fail (the cockpit's control once did)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(env.edge)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        r = conn.getresponse()
+        assert r.status == 200 and not r.will_close
+        r.read()
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("GET", "/healthz")  # on the same socket: a closed one fails (RemoteDisconnected)
+        assert conn.sock is sock
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
 def test_place_get_cancel_and_balances(env: Env) -> None:
     k = env.key(2001)
     env.fund(2001, {"USDT": 100_000 * USD, "BTC": 10 * USD})
