@@ -7,19 +7,22 @@ checkpoint (full state hash) every 10,000 commands as in production.
 
 A generating engine runs ahead and records the commands (its flow generator reads that engine to
 pick live orders to cancel or amend, like a market maker would); the measured engine then applies
-them back to back, as the core loop applies a decoded batch. By default every command is generated
-before the first one is measured (``chunk`` = all; ~375 MB for 1M commands): generating a chunk runs
-a second whole engine and the flow generator, which evicts the measured engine's books and accounts
-from the CPU caches, so interleaving them (``chunk=10_000``, the method before 2026-11-24 session 5)
-measured the harness as much as the engine (~10% lower in pure Python, ~25% with the compiled
-engine, at the same code). Determinism makes
-both engines go through the same states (checked by comparing state hashes at the end). Only
-``Engine.apply`` is timed, per command, with ``time.perf_counter_ns``: ``commands_per_s`` = commands
-/ sum of the timed durations (the two timer reads per command are included, so it is slightly
-pessimistic); ``loop_commands_per_s`` is the same loop timed as a whole (timers and result
-bookkeeping included); ``cpu_commands_per_s`` divides by the process CPU time of that loop instead
-(robust to preemption by other processes, not to cache contention). ``load_avg_1m`` says how busy
-the machine was: on a shared 2-core box the figures are only comparable at a similar load.
+them as the core loop applies a fetched batch: each command is kept as its WAL bytes and the
+measured loop decodes ``batch`` (256) of them right before applying them, so the commands are in
+cache as they are in the service (a million pre-built command objects read back from DRAM cost a
+cache miss per command that the core never pays). By default every command is generated before the
+first one is measured (``chunk`` = all): generating a chunk runs a second whole engine and the flow
+generator, which evicts the measured engine's books and accounts from the CPU caches, so
+interleaving them (``chunk=10_000``, the method before 2026-11-24 session 5) measures the harness
+as much as the engine. Determinism makes both engines go through the same states (checked by
+comparing state hashes at the end). Only ``Engine.apply`` is timed, per command, with
+``time.perf_counter_ns``: ``commands_per_s`` = commands / sum of the timed durations (the two timer
+reads per command are included, so it is slightly pessimistic); ``decode_us`` is the mean decode
+per command, outside those durations; ``loop_commands_per_s`` is the whole loop timed (decode,
+timers and result bookkeeping included); ``cpu_commands_per_s`` divides by the process CPU time of
+that loop instead (robust to preemption by other processes, not to cache contention).
+``load_avg_1m`` says how busy the machine was: on a shared 2-core box the figures are only
+comparable at a similar load.
 
 Usage: ``python -m benchmarks.bench_engine [n] [seed]`` prints one JSON line.
 

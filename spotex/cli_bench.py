@@ -25,12 +25,14 @@ def register(main: click.Group) -> None:
     @click.option("--chunk", type=int, default=None,
                   help="Commands generated ahead of each measured stretch (default: all before measuring; "
                        "10000 interleaves the generator as before, with less memory).")
+    @click.option("--batch", default=256, show_default=True, type=click.IntRange(min=1),
+                  help="Commands decoded from their WAL bytes at a time, right before they are applied.")
     @click.option("--json", "as_json", is_flag=True, help="Accepted for symmetry; output is always one JSON line.")
-    def bench_engine(commands: int, seed: int, chunk: int | None, as_json: bool) -> None:
+    def bench_engine(commands: int, seed: int, chunk: int | None, batch: int, as_json: bool) -> None:
         """In-process engine: risk + match + events over a mixed flow, no I/O."""
         from benchmarks.bench_engine import run
 
-        _print(run(commands, seed, chunk=chunk))
+        _print(run(commands, seed, chunk=chunk, batch=batch))
 
     @bench.command("wal")
     @click.option("--commands", default=1_000_000, show_default=True)

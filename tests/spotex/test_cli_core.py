@@ -65,7 +65,8 @@ def test_sim_cli_reports_seeds() -> None:
 def test_bench_verbs_print_one_json_line() -> None:
     for args, keys in (
         (("bench", "engine", "--commands", "20000", "--json"), {"commands_per_s", "p99_us", "chunk"}),
-        (("bench", "engine", "--commands", "20000", "--chunk", "5000", "--json"), {"commands_per_s", "chunk"}),
+        (("bench", "engine", "--commands", "20000", "--chunk", "5000", "--batch", "64", "--json"),
+         {"commands_per_s", "chunk", "batch", "decode_us"}),
         (("bench", "wal", "--commands", "20000", "--json"), {"commands_per_s", "commit_p99_ms"}),
         (("bench", "replay", "--records", "20000", "--json"), {"records_per_s", "recovery_s"}),
     ):
@@ -76,6 +77,6 @@ def test_bench_verbs_print_one_json_line() -> None:
         out = json.loads(lines[0])
         assert keys <= set(out)
         if "--chunk" in args:
-            assert out["chunk"] == 5000
+            assert out["chunk"] == 5000 and out["batch"] == 64
         elif args[1] == "engine":
             assert out["chunk"] == 20000  # every command generated before the first is measured
