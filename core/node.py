@@ -38,7 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from core.aio import stop_tasks
 from core.bus import H_FIRST, H_LAST, H_NODE, H_TOKEN, LEASE_BUCKET, SYS_STREAM, ensure_streams, evt_subject
-from core.engine import Engine
+from core.engine import ENGINE_IMPL, Engine
 from core.lease import Lease, LeaseLost
 from core.obs import freeze_heap
 from core.recovery import (
@@ -340,7 +340,7 @@ class CoreNode:
         self.engine, self.state = rec.engine, rec.state
         self.recovered = {"last_seq": rec.engine.last_seq, "state_hash": rec.engine.state_hash(),
                           "snapshot_seq": rec.snapshot_seq, "replayed": rec.replayed,
-                          "seconds": round(rec.seconds, 3)}
+                          "seconds": round(rec.seconds, 3), "engine_impl": ENGINE_IMPL}
         log.info("recovered from snapshot + WAL", extra=self.recovered)
         self._remember(rec.events)
         self.wal = WalWriter(self.core_dir / "wal", segment_bytes=self.opts.wal_segment_bytes,
@@ -770,6 +770,7 @@ class CoreNode:
         return {
             "node": self.opts.node_id,
             "role": self.role,
+            "engine_impl": ENGINE_IMPL,  # "python", or "native" for the verified compiled build
             "last_seq": self.engine.last_seq,
             "fencing_token": self.token,
             "withdrawals_halted": self.engine.withdrawals_halted,

@@ -201,6 +201,20 @@ def test_divergent_checkpoint_is_reported(tmp_path: Path) -> None:
     assert REGISTRY.get_sample_value("core_standby_divergence_total") == before + 1
 
 
+def test_status_and_recovery_say_which_engine_runs(tmp_path: Path) -> None:
+    import core.engine
+
+    node = CoreNode(_opts("nats://unused", tmp_path, "c"))
+    node.recover_local()
+    try:
+        assert node.status()["engine_impl"] == core.engine.ENGINE_IMPL
+        assert node.recovered["engine_impl"] == core.engine.ENGINE_IMPL
+        assert type(node.engine) is core.engine.Engine
+    finally:
+        assert node.wal is not None
+        node.wal.close()
+
+
 async def test_cmd_stream_persists_asynchronously_and_keeps_its_mode(nats_srv: Any) -> None:
     """CMD (one message per command) is created with asynchronous persistence; SEQ/EVT keep the
     default (fsync before the ack). Re-running ensure_streams never flips an existing stream's mode,
