@@ -390,12 +390,29 @@ class Trader:
     async def cancel(self, order_id: int) -> int:
         return int((await self.req("DELETE", f"/v1/orders/{order_id}")).status_code)
 
+    async def cancel_outcome(self, order_id: int) -> str:
+        """``canceled``; ``filled`` when the order traded away before the cancel arrived (the market
+        is live: that is not a refusal, and the order's own status says so); else what refused it
+        (the problem code, or the HTTP status)."""
+        r = await self.req("DELETE", f"/v1/orders/{order_id}")
+        if r.status_code == 200:
+            return "canceled"
+        code = str(r.json().get("code") or r.status_code)
+        if code == "ORDER_ALREADY_CLOSED":
+            g = await self.req("GET", f"/v1/orders/{order_id}")
+            if g.status_code == 200 and g.json().get("status") == "FILLED":
+                return "filled"
+        return code
+
     async def probe(self, symbol: str, want: str, timeout: float = 20.0, limit: int = 40) -> dict[str, Any]:
         """Place orders on ``symbol`` until one is refused with ``want``; cancel what rested (each
-        cancel must pass). A SYMBOL_THROTTLED while looking for something else waits Retry-After."""
+        cancel must pass). A SYMBOL_THROTTLED while looking for something else waits Retry-After.
+        ``cancels_ok`` counts the cancels not refused: canceled, or filled by the live market before
+        the cancel arrived (``cancel_outcomes`` says which)."""
         plan = await self.plan(symbol)
         out: dict[str, Any] = {"symbol": symbol, "want": want, "seen": False, "orders": 0, "statuses": {},
-                               "cancels": 0, "cancels_ok": 0, "price": plan[0], "quantity": plan[1]}
+                               "cancels": 0, "cancels_ok": 0, "cancel_outcomes": {},
+                               "price": plan[0], "quantity": plan[1]}
         resting: list[int] = []
         deadline = time.monotonic() + timeout
         t0 = time.monotonic()
@@ -415,7 +432,9 @@ class Trader:
                 await asyncio.sleep(1.0)
         for oid in resting:
             out["cancels"] += 1
-            out["cancels_ok"] += await self.cancel(oid) == 200
+            outcome = await self.cancel_outcome(oid)
+            out["cancel_outcomes"][outcome] = out["cancel_outcomes"].get(outcome, 0) + 1
+            out["cancels_ok"] += outcome in ("canceled", "filled")
         return out
 
     async def burst(self, symbol: str, n: int) -> dict[str, Any]:
