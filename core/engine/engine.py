@@ -225,10 +225,8 @@ class Engine:
         self._fence = 0
         self._out: list[Event] = []
         self._fee_acct = self._account(FEE_ACCOUNT)
+        # The rarer commands (apply calls _place, _cancel and _amend directly).
         self._handlers: dict[type, Callable[[Any], None]] = {
-            PlaceOrder: self._place,
-            CancelOrder: self._cancel,
-            AmendOrder: self._amend,
             CancelAllAccount: self._cancel_all_account,
             AdminCancelAll: self._admin_cancel_all,
             SetSymbolMode: self._set_mode,

@@ -121,8 +121,7 @@ def test_a_present_build_equals_the_pure_engine(tmp_path_factory: pytest.TempPat
     assert mod.Engine is not PureEngine
     res_v = native.verify(mod, seeds=(11, 12), commands=2_000)
     assert res_v["commands"] > 4_000
-    env = {k: os.environ[k] for k in ("SPOTEX_ENGINE", "SPOTEX_NATIVE_DIR") if k in os.environ}
-    bench = spotex_cli("bench", "engine", "--commands", "20000", "--json", env=env, timeout=300)
+    bench = spotex_cli("bench", "engine", "--commands", "20000", "--json", timeout=300)  # inherits the env set above
     assert bench.returncode == 0, bench.stderr
     out_b = json.loads(bench.stdout)
     assert out_b["engine_impl"] == "native" and out_b["commands"] == 20_000
@@ -136,7 +135,7 @@ def test_a_present_build_equals_the_pure_engine(tmp_path_factory: pytest.TempPat
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          f"{here / 'test_native_engine.py'}::test_engine_impl_is_what_was_asked",
          str(here / "test_engine_golden.py"), str(here / "test_engine_model.py")],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=600, cwd=here.parent.parent,
+        capture_output=True, text=True, timeout=600, cwd=here.parent.parent,
     )
     assert suite.returncode == 0, suite.stdout[-3000:]
     assert " passed" in suite.stdout and "skipped" not in suite.stdout
