@@ -132,6 +132,11 @@ class CoreOptions(msgspec.Struct, frozen=True, kw_only=True):
     markets: list[MarketConfig] = []
     query_subject: str = "core.query"
     wal_fsync: bool = True
+    # Recovery builds events for the last this-many WAL records only (the rest replay with the
+    # engine's events off). A leader has at most two fetch batches journaled but not yet on EVT,
+    # so this is far more than a restart can need; if EVT ever lacks more, taking the lease stops
+    # with "cannot republish" and says to raise it.
+    replay_events: int = 50_000
     # Freeze the heap (gc.freeze) after recovery and on taking the lease: the service process sets
     # it; in-process users (tests, the simulator) leave it off so as not to freeze their own heap.
     freeze_heap: bool = False
@@ -336,16 +341,24 @@ class CoreNode:
     # start-up
 
     def recover_local(self) -> None:
-        rec = recover(self.core_dir, checkpoint_every=self.opts.checkpoint_every)
+        def open_wal(start_seq: int) -> WalWriter:
+            return WalWriter(self.core_dir / "wal", segment_bytes=self.opts.wal_segment_bytes,
+                             fsync=self.opts.wal_fsync, start_seq=start_seq,
+                             on_commit=lambda s, n: M_FSYNC.observe(s))
+
+        rec = recover(self.core_dir, checkpoint_every=self.opts.checkpoint_every,
+                      events_tail=self.opts.replay_events, open_wal=open_wal)
         self.engine, self.state = rec.engine, rec.state
         self.recovered = {"last_seq": rec.engine.last_seq, "state_hash": rec.engine.state_hash(),
                           "snapshot_seq": rec.snapshot_seq, "replayed": rec.replayed,
-                          "seconds": round(rec.seconds, 3), "engine_impl": ENGINE_IMPL}
+                          "events_from": min(rec.events_from, rec.engine.last_seq + 1),
+                          "seconds": round(rec.seconds, 3), "replay_seconds": round(rec.replay_seconds, 3),
+                          "replay_cpu_seconds": round(rec.replay_cpu_seconds, 3),
+                          "engine_impl": ENGINE_IMPL}
         log.info("recovered from snapshot + WAL", extra=self.recovered)
         self._remember(rec.events)
-        self.wal = WalWriter(self.core_dir / "wal", segment_bytes=self.opts.wal_segment_bytes,
-                             fsync=self.opts.wal_fsync, start_seq=rec.snapshot_seq + 1,
-                             on_commit=lambda s, n: M_FSYNC.observe(s))
+        assert rec.wal is not None
+        self.wal = rec.wal
         if self.wal.last_seq != self.engine.last_seq:
             raise RuntimeError(f"WAL ends at {self.wal.last_seq} but recovery reached {self.engine.last_seq}")
         self.snapshot_due_at = self.engine.last_seq + self.opts.snapshot_every
@@ -481,7 +494,10 @@ class CoreNode:
                 continue
             evs = [e for e in self.recent.get(stream, ()) if e.seq > done]
             if not evs or evs[0].seq != done + 1 or evs[-1].seq != have:
-                raise RuntimeError(f"cannot republish {stream}: EVT ends at {done}, engine at {have}")
+                held = f"{evs[0].seq}..{evs[-1].seq}" if evs else "none"
+                raise RuntimeError(f"cannot republish {stream}: EVT ends at {done}, the engine at {have}, this node "
+                                   f"holds events {held} (restart with replay_events above "
+                                   f"{self.opts.replay_events} to rebuild more of them)")
             missing[stream] = evs
         if missing:
             log.warning("republishing events EVT lacks",

@@ -48,12 +48,14 @@ def register(main: click.Group) -> None:
     @bench.command("replay")
     @click.option("--records", default=1_000_000, show_default=True)
     @click.option("--seed", default=1, show_default=True)
+    @click.option("--replay-events", type=int, default=None,
+                  help="Rebuild events for the last N records (default: the core's replay_events, 50000).")
     @click.option("--json", "as_json", is_flag=True)
-    def bench_replay(records: int, seed: int, as_json: bool) -> None:
+    def bench_replay(records: int, seed: int, replay_events: int | None, as_json: bool) -> None:
         """Recovery: records/s and seconds to serve again with N records since the last snapshot."""
         from benchmarks.bench_replay import run
 
-        _print(run(records, seed))
+        _print(run(records, seed, replay_events=replay_events))
 
     @bench.command("e2e")
     @click.option("--orders", default=10_000, show_default=True)

@@ -101,6 +101,8 @@ class CoreSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     checkpoint_every_commands: int = 10_000
     lease_ttl_ms: int = 3_000
     fetch_batch: int = 256
+    # Recovery rebuilds events for the last this-many WAL records only (core/node.py CoreOptions).
+    replay_events: int = 50_000
     standby: bool = True
     # Core endpoints the edge reaches over NATS request/reply.
     query_subject: str = "core.query"
@@ -405,6 +407,13 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.security.operator_cache_ttl_s!r}")
     if not 1 <= cfg.edge.keep_alive_s <= 3_600:
         raise ConfigError(f"edge.keep_alive_s: must be between 1 and 3600 (s), got {cfg.edge.keep_alive_s!r}")
+    if cfg.core.fetch_batch < 1:
+        raise ConfigError(f"core.fetch_batch: must be >= 1, got {cfg.core.fetch_batch!r}")
+    # A leader's WAL can hold two sequenced batches whose events are not on EVT yet, each up to
+    # 2 * fetch_batch - 1 commands (core/node.py _consume): recovery must rebuild at least those.
+    if cfg.core.replay_events < 4 * cfg.core.fetch_batch:
+        raise ConfigError(f"core.replay_events: must be >= 4 * core.fetch_batch ({4 * cfg.core.fetch_batch}), "
+                          f"got {cfg.core.replay_events!r}")
     if cfg.edge.gc_gen0_threshold < 0:
         raise ConfigError(f"edge.gc_gen0_threshold: must be >= 0 (0 = Python's default), "
                           f"got {cfg.edge.gc_gen0_threshold!r}")

@@ -89,6 +89,7 @@ async def run_core(ctx: ServiceContext) -> None:
         checkpoint_every=cfg.core.checkpoint_every_commands,
         lease_ttl_ms=cfg.core.lease_ttl_ms,
         fetch_batch=cfg.core.fetch_batch,
+        replay_events=cfg.core.replay_events,
         duplicate_window_s=cfg.nats.duplicate_window_s,
         cmd_persist=cfg.nats.cmd_persist,
         markets=market_configs(cfg),

@@ -224,6 +224,9 @@ class Engine:
         self._cause = ""
         self._fence = 0
         self._out: list[Event] = []
+        # False while replaying a stretch whose events nobody will read (see emit_events): the
+        # hot paths skip building them, every stream seq still advances exactly as it would.
+        self._emit = True
         self._fee_acct = self._account(FEE_ACCOUNT)
         # The rarer commands (apply calls _place, _cancel and _amend directly).
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -247,16 +250,31 @@ class Engine:
     def checkpoint_every(self) -> int:
         return self._ckpt_every
 
+    def emit_events(self, on: bool) -> None:
+        """Whether :meth:`apply` builds events (the default). Off, ``apply`` returns an empty list
+        and the state it leaves is exactly the same, stream seqs and checkpoint seqs included (only
+        the checkpoint's state hash is not computed). Recovery turns it off for the part of the WAL
+        tail whose events are long on EVT: building and dropping them is about a quarter of a
+        replayed command's cost."""
+        self._emit = bool(on)
+
+    @property
+    def emitting(self) -> bool:
+        return self._emit
+
     def apply(self, cmd: SequencedCommand) -> list[Event]:
         """Apply one sequenced command; return its events in order. ``cmd.seq`` must be
-        ``last_seq + 1`` (else :class:`SequenceError`, nothing changes)."""
+        ``last_seq + 1`` (else :class:`SequenceError`, nothing changes). With events off (see
+        :meth:`emit_events`) the list is empty."""
         seq = cmd.seq
         if seq != self._last_seq + 1:
             raise SequenceError(f"expected seq {self._last_seq + 1}, got {seq}")
         self._last_seq = seq
         self._ts = cmd.ts_ms
         self._corr = cmd.correlation_id
-        self._cause = f"cmd:{seq}"
+        emit = self._emit
+        if emit:
+            self._cause = f"cmd:{seq}"
         fence = cmd.fencing_token
         self._fence = fence
         out: list[Event] = []
@@ -285,6 +303,8 @@ class Engine:
             self._checkpoint()
         if len(self._retired) > self._retired_max:
             self._trim_retired()
+        if not emit and out:
+            out.clear()  # what the rarer paths built regardless
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -354,6 +374,10 @@ class Engine:
     def _flush_book(self, m: Market) -> None:
         touched = m.touched
         if not touched:
+            return
+        if not self._emit:
+            touched.clear()
+            m.seq += 1
             return
         bl = m.bids.levels
         al = m.asks.levels
@@ -452,12 +476,13 @@ class Engine:
         o.remaining = 0
         o.status = ST_CANCELED
         m.seq = s = m.seq + 1
-        self._out.append(
-            OrderCanceled(
-                m.prefix + str(s), m.symbol, s, self._ts, self._corr, self._cause, self._fence,
-                o.order_id, o.account_id, o.client_order_id, reason, rem, o.filled, moves,
+        if self._emit:
+            self._out.append(
+                OrderCanceled(
+                    m.prefix + str(s), m.symbol, s, self._ts, self._corr, self._cause, self._fence,
+                    o.order_id, o.account_id, o.client_order_id, reason, rem, o.filled, moves,
+                )
             )
-        )
         self._retired.append(o)
 
     def _band_ref(self, m: Market) -> tuple[int, int]:
@@ -565,6 +590,8 @@ class Engine:
         taker_side = BUY if is_buy else SELL
         all_orders = self._orders
         retired = self._retired
+        emit = self._emit
+        moves: list[Move] = []
         while rem > 0 and keys:
             if is_buy:
                 p = -keys[-1]
@@ -614,21 +641,24 @@ class Engine:
                     tav[bi] += base_amt - t_fee
                     mac.hold[bi] -= base_amt
                     mac.avail[qi] += quote_amt - m_fee
-                    hold -= consumed
-                    moves = [Move(aid, quote, HOLD, -consumed)]
-                    if refund:
-                        moves.append(Move(aid, quote, AVAILABLE, refund))
-                    if quote_amt != m_fee:
-                        moves.append(Move(maid, quote, AVAILABLE, quote_amt - m_fee))
                     if m_fee:
                         fee_acct.avail[qi] += m_fee
-                        moves.append(Move(FEE_ACCOUNT, quote, AVAILABLE, m_fee))
-                    moves.append(Move(maid, base, HOLD, -base_amt))
-                    if base_amt != t_fee:
-                        moves.append(Move(aid, base, AVAILABLE, base_amt - t_fee))
                     if t_fee:
                         fee_acct.avail[bi] += t_fee
-                        moves.append(Move(FEE_ACCOUNT, base, AVAILABLE, t_fee))
+                    hold -= consumed
+                    if emit:
+                        moves = [Move(aid, quote, HOLD, -consumed)]
+                        if refund:
+                            moves.append(Move(aid, quote, AVAILABLE, refund))
+                        if quote_amt != m_fee:
+                            moves.append(Move(maid, quote, AVAILABLE, quote_amt - m_fee))
+                        if m_fee:
+                            moves.append(Move(FEE_ACCOUNT, quote, AVAILABLE, m_fee))
+                        moves.append(Move(maid, base, HOLD, -base_amt))
+                        if base_amt != t_fee:
+                            moves.append(Move(aid, base, AVAILABLE, base_amt - t_fee))
+                        if t_fee:
+                            moves.append(Move(FEE_ACCOUNT, base, AVAILABLE, t_fee))
                     t_fee_asset = base
                     m_fee_asset = quote
                 else:
@@ -638,19 +668,22 @@ class Engine:
                     tho[bi] -= base_amt
                     tav[qi] += quote_amt - t_fee
                     mac.avail[bi] += base_amt - m_fee
-                    hold -= base_amt
-                    moves = [Move(maid, quote, HOLD, -quote_amt)]
-                    if quote_amt != t_fee:
-                        moves.append(Move(aid, quote, AVAILABLE, quote_amt - t_fee))
                     if t_fee:
                         fee_acct.avail[qi] += t_fee
-                        moves.append(Move(FEE_ACCOUNT, quote, AVAILABLE, t_fee))
-                    moves.append(Move(aid, base, HOLD, -base_amt))
-                    if base_amt != m_fee:
-                        moves.append(Move(maid, base, AVAILABLE, base_amt - m_fee))
                     if m_fee:
                         fee_acct.avail[bi] += m_fee
-                        moves.append(Move(FEE_ACCOUNT, base, AVAILABLE, m_fee))
+                    hold -= base_amt
+                    if emit:
+                        moves = [Move(maid, quote, HOLD, -quote_amt)]
+                        if quote_amt != t_fee:
+                            moves.append(Move(aid, quote, AVAILABLE, quote_amt - t_fee))
+                        if t_fee:
+                            moves.append(Move(FEE_ACCOUNT, quote, AVAILABLE, t_fee))
+                        moves.append(Move(aid, base, HOLD, -base_amt))
+                        if base_amt != m_fee:
+                            moves.append(Move(maid, base, AVAILABLE, base_amt - m_fee))
+                        if m_fee:
+                            moves.append(Move(FEE_ACCOUNT, base, AVAILABLE, m_fee))
                     t_fee_asset = quote
                     m_fee_asset = base
                 spent += quote_amt
@@ -662,13 +695,14 @@ class Engine:
                 lvl.total -= q
                 m.trade_seq = tid = m.trade_seq + 1
                 m.seq = s = m.seq + 1
-                out.append(
-                    TradeExecuted(
-                        prefix + str(s), sym, s, ts, corr, cause, fence,
-                        tid, oid, aid, taker_side, mo.order_id, maid, p, q, base_amt, quote_amt,
-                        t_fee, t_fee_asset, m_fee, m_fee_asset, o.qty - o.filled, mrem, moves,
+                if emit:
+                    out.append(
+                        TradeExecuted(
+                            prefix + str(s), sym, s, ts, corr, cause, fence,
+                            tid, oid, aid, taker_side, mo.order_id, maid, p, q, base_amt, quote_amt,
+                            t_fee, t_fee_asset, m_fee, m_fee_asset, o.qty - o.filled, mrem, moves,
+                        )
                     )
-                )
                 m.last_price = p
                 if mrem:
                     mo.status = ST_PARTIAL
@@ -810,11 +844,8 @@ class Engine:
                 return self._reject_order(m, c, RejectCode.INSUFFICIENT_FUNDS, f"needs {hold} {asset} available")
             acct.avail[ai] -= hold
             acct.hold[ai] += hold
-            moves = [Move(aid, asset, AVAILABLE, -hold), Move(aid, asset, HOLD, hold)]
-        else:
-            moves = []
-            if acct is None:
-                acct = self._account(aid)
+        elif acct is None:
+            acct = self._account(aid)
         oid = self._last_seq
         o = Order(
             oid, aid, m.symbol, is_buy, price if price is not None else 0, qty, qty, 0, coid, typ, tif,
@@ -827,13 +858,16 @@ class Engine:
         fence = self._fence
         prefix = m.prefix
         sym = m.symbol
+        emit = self._emit
         m.seq = s = m.seq + 1
-        out.append(
-            OrderAccepted(
-                prefix + str(s), sym, s, ts, corr, cause, fence,
-                oid, aid, coid, side, typ, tif, price, c.qty_lots, quote, post_only, stp, moves,
+        if emit:
+            out.append(
+                OrderAccepted(
+                    prefix + str(s), sym, s, ts, corr, cause, fence,
+                    oid, aid, coid, side, typ, tif, price, c.qty_lots, quote, post_only, stp,
+                    [Move(aid, asset, AVAILABLE, -hold), Move(aid, asset, HOLD, hold)] if hold else [],
+                )
             )
-        )
         book = m.bids if is_buy else m.asks
         if not crosses and tif is GTC:
             # Hot path: a passive limit rests; exactly one level changes.
@@ -852,9 +886,10 @@ class Engine:
             if coid:
                 acct.coids[coid] = o
             m.seq = s = s + 1
-            out.append(
-                BookDelta(prefix + str(s), sym, s, ts, corr, cause, fence, [LevelChange(side, price, total)])
-            )
+            if emit:
+                out.append(
+                    BookDelta(prefix + str(s), sym, s, ts, corr, cause, fence, [LevelChange(side, price, total)])
+                )
             return None
         if typ is LIMIT:
             assert price is not None
@@ -887,18 +922,17 @@ class Engine:
             if hold:
                 acct.hold[ai] -= hold
                 acct.avail[ai] += hold
-                moves = [Move(aid, asset, HOLD, -hold), Move(aid, asset, AVAILABLE, hold)]
-            else:
-                moves = []
             o.remaining = 0
             o.status = ST_CANCELED
             m.seq = s = m.seq + 1
-            out.append(
-                OrderCanceled(
-                    prefix + str(s), sym, s, ts, corr, cause, fence,
-                    oid, aid, coid, R_STP if stop == STOP_STP else R_IOC, rem, o.filled, moves,
+            if emit:
+                out.append(
+                    OrderCanceled(
+                        prefix + str(s), sym, s, ts, corr, cause, fence,
+                        oid, aid, coid, R_STP if stop == STOP_STP else R_IOC, rem, o.filled,
+                        [Move(aid, asset, HOLD, -hold), Move(aid, asset, AVAILABLE, hold)] if hold else [],
+                    )
                 )
-            )
             self._retired.append(o)
         if m.touched:
             self._flush_book(m)
@@ -988,6 +1022,9 @@ class Engine:
         sym = m.symbol
         s = m.seq
         m.seq = s + 2
+        self._retired.append(o)
+        if not self._emit:
+            return None
         out.append(
             OrderCanceled(
                 prefix + str(s + 1), sym, s + 1, ts, corr, cause, fence,
@@ -998,7 +1035,6 @@ class Engine:
         out.append(
             BookDelta(prefix + str(s + 2), sym, s + 2, ts, corr, cause, fence, [LevelChange(lside, price, total)])
         )
-        self._retired.append(o)
         return None
 
     def _amend(self, c: AmendOrder) -> None:
@@ -1056,12 +1092,16 @@ class Engine:
             lvl.total -= diff
             o.remaining = new_rem
             o.qty = new_qty
-            moves = [Move(aid, asset, HOLD, -amt), Move(aid, asset, AVAILABLE, amt)] if amt else []
-            self._out.append(
-                OrderAmended(
-                    *self._env_m(m), o.order_id, aid, o.client_order_id, new_price, new_qty, new_rem, True, moves
+            if self._emit:
+                moves = [Move(aid, asset, HOLD, -amt), Move(aid, asset, AVAILABLE, amt)] if amt else []
+                self._out.append(
+                    OrderAmended(
+                        *self._env_m(m), o.order_id, aid, o.client_order_id, new_price, new_qty, new_rem, True,
+                        moves,
+                    )
                 )
-            )
+            else:
+                m.seq += 1
             self._flush_book(m)
             return None
         # Price change or size increase: re-enter at the back of the queue, matching if it crosses.
@@ -1108,20 +1148,23 @@ class Engine:
             m.touched[o.price << 1] = None
         acct.avail[ai] -= delta
         acct.hold[ai] += delta
-        if delta > 0:
-            moves = [Move(aid, asset, AVAILABLE, -delta), Move(aid, asset, HOLD, delta)]
-        elif delta < 0:
-            moves = [Move(aid, asset, HOLD, delta), Move(aid, asset, AVAILABLE, -delta)]
-        else:
-            moves = []
         o.price = new_price
         o.qty = new_qty
         o.remaining = new_rem
-        self._out.append(
-            OrderAmended(
-                *self._env_m(m), o.order_id, aid, o.client_order_id, new_price, new_qty, new_rem, False, moves
+        if self._emit:
+            if delta > 0:
+                moves = [Move(aid, asset, AVAILABLE, -delta), Move(aid, asset, HOLD, delta)]
+            elif delta < 0:
+                moves = [Move(aid, asset, HOLD, delta), Move(aid, asset, AVAILABLE, -delta)]
+            else:
+                moves = []
+            self._out.append(
+                OrderAmended(
+                    *self._env_m(m), o.order_id, aid, o.client_order_id, new_price, new_qty, new_rem, False, moves
+                )
             )
-        )
+        else:
+            m.seq += 1
         stop = STOP_BOOK
         rem = new_rem
         hold = new_hold
@@ -1328,6 +1371,9 @@ class Engine:
         return out
 
     def _checkpoint(self) -> None:
+        if not self._emit:
+            self._sys_seq += 1  # the checkpoint's place in _sys, as _env_sys would take it
+            return
         h = self.state_hash()
         seqs = self.stream_seqs()
         self._out.append(EngineCheckpoint(*self._env_sys(), self._last_seq, h, seqs, self.totals()))

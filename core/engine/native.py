@@ -4,7 +4,8 @@
 package ``spotex_native_engine`` (only their imports of each other are rewritten; events, views and
 the wire contract stay the shared pure-Python classes), compiles both with mypyc (shipped with mypy,
 needs a C compiler), then runs a differential check: seeded command streams applied by both engines
-must give byte-identical events, equal state hashes and interchangeable snapshots. Only then does it
+must give byte-identical events, equal state hashes and interchangeable snapshots, and the compiled
+engine with its events off (how recovery replays) must end in the same state. Only then does it
 write ``build/native/stamp.json`` with the sha256 of the sources it compiled.
 
 ``SPOTEX_ENGINE=native`` makes ``core.engine.Engine`` the compiled one, if a build exists whose stamp
@@ -139,6 +140,8 @@ def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int
         cmds += generate(seed, commands)
         cmds.append(WithdrawalsHalt(on=True, reason="verify"))
         pure, nat = Pure(checkpoint_every=97), native.Engine(checkpoint_every=97)
+        silent = native.Engine(checkpoint_every=97)  # events off all along, as recovery replays
+        silent.emit_events(False)
         half = len(cmds) // 2
         for i, c in enumerate(cmds, 1):
             # the fencing token steps back once per stream: stale-command rejections are compared too
@@ -146,6 +149,8 @@ def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int
             sc = SequencedCommand(seq=i, ts_ms=1_700_000_000_000 + i, fencing_token=token, correlation_id=f"v{i}",
                                   command=c)
             a, b = enc.encode(pure.apply(sc)), enc.encode(nat.apply(sc))
+            if silent.apply(sc):
+                raise AssertionError(f"seed {seed}, seq {i}: the compiled engine built events with them off")
             if a != b:
                 raise AssertionError(f"seed {seed}, seq {i}: events differ between the pure and compiled engines")
             if i == half:
@@ -157,6 +162,8 @@ def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int
             checked += 1
         if pure.state_hash() != nat.state_hash():
             raise AssertionError(f"seed {seed}: state hashes differ")
+        if silent.snapshot() != pure.snapshot():
+            raise AssertionError(f"seed {seed}: the compiled engine with events off ends in another state")
         for oid in range(1, len(cmds) + 1, 7):
             if pure.order(oid) != nat.order(oid):
                 raise AssertionError(f"seed {seed}: order {oid} differs")

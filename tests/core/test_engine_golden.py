@@ -152,6 +152,10 @@ class Harness:
 
     def __init__(self, *, fund: bool = True, checkpoint_every: int = 0, **cfg: Any) -> None:
         self.e = Engine(checkpoint_every=checkpoint_every)
+        # A twin fed the same commands with events off (the replay of an old WAL tail): after
+        # every command it must hold exactly the same state, stream seqs included.
+        self.silent = Engine(checkpoint_every=checkpoint_every)
+        self.silent.emit_events(False)
         self.shadow = Shadow()
         self.seq = 0
         self.fence = 1
@@ -173,12 +177,13 @@ class Harness:
         self._base["_sys"] = self.e.stream_seq("_sys")
         self._next = {}
         self._tid = self.trades_seen
-        evs = self.e.apply(
-            SequencedCommand(
-                seq=self.seq, ts_ms=1_000_000 + self.seq, fencing_token=self._used_fence,
-                correlation_id=f"c{self.seq}", command=cmd,
-            )
+        sc = SequencedCommand(
+            seq=self.seq, ts_ms=1_000_000 + self.seq, fencing_token=self._used_fence,
+            correlation_id=f"c{self.seq}", command=cmd,
         )
+        evs = self.e.apply(sc)
+        assert self.silent.apply(sc) == []
+        assert self.silent.snapshot() == self.e.snapshot()
         self.trades_seen += sum(isinstance(x, TradeExecuted) for x in evs)
         self.shadow.post(evs)
         check_invariants(self.e, self.shadow)

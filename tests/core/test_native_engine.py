@@ -76,10 +76,21 @@ class _FloorFeeEngine(PureEngine):
         return out
 
 
+class _SilentSkipsCheckpointSeq(PureEngine):
+    """Right with events on; with them off it forgets that a checkpoint takes a _sys seq."""
+
+    def _checkpoint(self) -> None:
+        if self.emitting:
+            super()._checkpoint()
+
+
 def test_the_differential_check_catches_a_different_engine() -> None:
     fake = types.SimpleNamespace(Engine=_FloorFeeEngine)
     with pytest.raises(AssertionError, match="events differ"):
         native.verify(fake, seeds=(1,), commands=1_500)  # type: ignore[arg-type]
+    fake = types.SimpleNamespace(Engine=_SilentSkipsCheckpointSeq)
+    with pytest.raises(AssertionError, match="with events off ends in another state"):
+        native.verify(fake, seeds=(1,), commands=300)  # type: ignore[arg-type]
     same = types.SimpleNamespace(Engine=PureEngine)
     assert native.verify(same, seeds=(1,), commands=300)["commands"] > 300  # type: ignore[arg-type]
 

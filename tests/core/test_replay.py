@@ -3,7 +3,9 @@
 - the engine's deferred lookup cache of terminal orders (indexed at the first lookup, trimmed while
   nobody looks) answers every lookup as an engine that indexed each order as it went terminal;
 - ``recover`` folds the sequencer's dedupe window in after the loop, which must equal
-  ``NodeState.record`` applied record by record (trimming and repeated source seqs included).
+  ``NodeState.record`` applied record by record (trimming and repeated source seqs included);
+- the engine with its events off (how recovery replays the older part of a WAL tail) leaves exactly
+  the state, stream seqs and later events that the engine building every event leaves.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from core import recovery
 from core.engine import Engine
-from core.recovery import JournalRecord, NodeState, encode_record, recover
+from core.recovery import JournalRecord, NodeState, encode_record, recover, take_snapshot
 from core.sim import generate, sim_markets
 from core.wal import WalWriter
 from core.wire import AddMarket, Command, PlaceOrder, SequencedCommand
@@ -101,3 +104,79 @@ def test_recover_events_are_the_events_of_the_tail(tmp_path: Path) -> None:
     assert sum(seen) == len(want) and len(seen) == len(stream)
     assert got.engine.state_hash() == ref.state_hash()
     assert recover(tmp_path, checkpoint_every=100, keep_events=False).events == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_events_off_leaves_the_same_state_and_later_events(seed: int) -> None:
+    stream = _stream(seed, 2_500)
+    half = len(stream) // 2
+    # The fencing token steps back for a while, so stale-command rejections are replayed silently too.
+    stream = [msgspec.structs.replace(sc, fencing_token=0) if half - 200 < sc.seq < half - 150 else sc
+              for sc in stream]
+    loud, silent = Engine(checkpoint_every=97), Engine(checkpoint_every=97)
+    silent.emit_events(False)
+    assert not silent.emitting
+    for sc in stream[:half]:
+        loud.apply(sc)
+        assert silent.apply(sc) == []
+    assert silent.snapshot() == loud.snapshot()
+    silent.emit_events(True)
+    enc = msgspec.msgpack.Encoder()
+    for sc in stream[half:]:
+        assert enc.encode(silent.apply(sc)) == enc.encode(loud.apply(sc)), sc.seq
+    assert silent.state_hash() == loud.state_hash()
+
+
+def test_recover_builds_events_for_the_tail_it_is_asked_for(tmp_path: Path) -> None:
+    stream = _stream(8, 600)
+    _write_wal(tmp_path, [JournalRecord(sc.seq, sc) for sc in stream])
+    ref = Engine(checkpoint_every=100)
+    per_cmd = [ref.apply(sc) for sc in stream]
+    opened: list[int] = []
+
+    def open_wal(start_seq: int) -> WalWriter:
+        opened.append(start_seq)
+        return WalWriter(tmp_path / "wal", fsync=False, start_seq=start_seq)
+
+    for tail in (0, 1, 150, 600, 5_000):
+        got = recover(tmp_path, checkpoint_every=100, events_tail=tail, open_wal=open_wal)
+        assert got.wal is not None and got.wal.last_seq == len(stream)
+        got.wal.close()
+        first = max(1, len(stream) - tail + 1)
+        assert got.events_from == first
+        assert got.events == [e for evs in per_cmd[first - 1:] for e in evs], tail
+        assert got.engine.state_hash() == ref.state_hash()
+        assert got.engine.emitting  # whatever the replay did, the engine handed on builds events
+    assert opened == [1] * 5
+    with pytest.raises(ValueError, match="open_wal"):
+        recover(tmp_path, events_tail=10)
+    # After a snapshot, the tail is counted from the WAL's end all the same.
+    snap = recover(tmp_path, checkpoint_every=100, keep_events=False)
+    take_snapshot(tmp_path, snap.engine, snap.state)
+    more = _stream(8, 700)[len(stream):]
+    with WalWriter(tmp_path / "wal", fsync=False) as wal:
+        for sc in more:
+            wal.append(sc.seq, encode_record(JournalRecord(sc.seq, sc)))
+        wal.commit()
+    per_cmd += [ref.apply(sc) for sc in more]
+    got = recover(tmp_path, checkpoint_every=100, events_tail=30, open_wal=open_wal)
+    assert opened[-1] == len(stream) + 1 and got.replayed == len(more)
+    assert got.wal is not None
+    got.wal.close()
+    assert got.events == [e for evs in per_cmd[-30:] for e in evs]
+    assert got.engine.state_hash() == ref.state_hash()
+
+
+def test_a_failed_recovery_closes_the_writer_it_opened(tmp_path: Path) -> None:
+    stream = _stream(9, 50)
+    _write_wal(tmp_path, [JournalRecord(sc.seq, sc) for sc in stream])
+    wals: list[WalWriter] = []
+
+    def open_wal(start_seq: int) -> WalWriter:
+        wals.append(WalWriter(tmp_path / "wal", fsync=False, start_seq=start_seq))
+        return wals[-1]
+
+    with pytest.raises(ValueError, match="events_tail must be >= 0"):
+        recover(tmp_path, events_tail=-1, open_wal=open_wal)
+    assert len(wals) == 1
+    WalWriter(tmp_path / "wal", fsync=False).close()  # the lock is free again

@@ -60,6 +60,8 @@ def test_config_is_frozen() -> None:
         ("[edge]\nws_max_subscriptions = 0\n", {}, "edge.ws_max_subscriptions: must be >= 1"),
         ("", {"SPOTEX_EDGE__GC_GEN0_THRESHOLD": "-1"}, "edge.gc_gen0_threshold: must be >= 0"),
         ("", {"SPOTEX_EDGE__KEEP_ALIVE_S": "0"}, "edge.keep_alive_s: must be between 1 and 3600"),
+        ("", {"SPOTEX_CORE__REPLAY_EVENTS": "1000"}, "core.replay_events: must be >= 4 * core.fetch_batch (1024)"),
+        ("[core]\nfetch_batch = 0\n", {}, "core.fetch_batch: must be >= 1"),
         ("", {"SPOTEX_SECURITY__OPERATOR_CACHE_TTL_S": "0"}, "security.operator_cache_ttl_s: must be > 0"),
         ("[security]\noperator_cache_ttl_s = 301\n", {}, "security.operator_cache_ttl_s: must be > 0 and <= 300"),
         ("", {"SPOTEX_LEDGER__BATCH_WAIT_MS": "-5"}, "ledger.batch_wait_ms: must be between 0 and 1000"),
