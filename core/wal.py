@@ -51,10 +51,12 @@ __all__ = [
     "DEFAULT_SEGMENT_BYTES",
     "FORMAT_VERSION",
     "MAX_PAYLOAD_BYTES",
+    "RECORD_HEADER",
     "RECORD_HEADER_SIZE",
     "SEGMENT_HEADER_SIZE",
     "SEGMENT_MAGIC",
     "CommitHook",
+    "Consumer",
     "FaultHook",
     "WalCorruption",
     "WalError",
@@ -83,6 +85,7 @@ _SEG_HDR = struct.Struct("<8sIQI")
 SEGMENT_HEADER_SIZE = _SEG_HDR.size
 # header_crc, length, payload_crc, seq
 _REC_HDR = struct.Struct("<IIIQ")
+RECORD_HEADER = _REC_HDR
 RECORD_HEADER_SIZE = _REC_HDR.size
 _REC_TAIL = struct.Struct("<IIQ")  # length, payload_crc, seq: the bytes header_crc covers
 _U32 = struct.Struct("<I")
@@ -313,7 +316,13 @@ def _classify(path: Path, data: bytes, off: int, expected: int, is_last: bool) -
 
 
 def _records(
-    path: Path, data: bytes, first_seq: int, is_last: bool, yield_from: int, strict: bool = False
+    path: Path,
+    data: bytes,
+    first_seq: int,
+    is_last: bool,
+    yield_from: int,
+    strict: bool = False,
+    consume: Consumer | None = None,
 ) -> Generator[tuple[int, bytes], None, _SegmentEnd]:
     """Yield the segment's records with seq >= yield_from; return where the valid data ends.
 
@@ -321,6 +330,9 @@ def _records(
     a torn tail of the last segment. ``strict`` also verifies every header checksum (scan):
     otherwise a flipped bit in a header_crc field of an intact record goes unnoticed, which
     costs nothing, as every byte that matters is covered by the payload checksum.
+
+    ``consume`` (see :data:`Consumer`) takes the records first, as many as pass the same check
+    as the loop below; the loop then goes on from where it stopped, classifying that record.
     """
     size = len(data)
     mv = memoryview(data)
@@ -330,6 +342,8 @@ def _records(
     off = SEGMENT_HEADER_SIZE
     expected = first_seq
     torn: str | None = None
+    if consume is not None:
+        off, expected = consume(data, off, expected, yield_from)
     while off < size:
         # Fast path, one checksum per record: the payload checksum covers seq and payload, and
         # a damaged length would make it run over the wrong bytes and fail. The header checksum
@@ -351,6 +365,13 @@ def _records(
         torn = _classify(path, data, off, expected, is_last)
         break
     return _SegmentEnd(off, expected - 1, torn)
+
+
+# A segment's records handed over in bulk instead of yielded one by one (recovery's replay loop):
+# called with (segment bytes, offset of the first record, its seq, yield_from), it processes the
+# records with seq >= yield_from that pass the reader's check, from the first on, and returns the
+# offset and seq of the first record it did not take.
+Consumer = Callable[[bytes, int, int, int], tuple[int, int]]
 
 
 def _drain(gen: Generator[tuple[int, bytes], None, _SegmentEnd]) -> _SegmentEnd:
@@ -402,6 +423,7 @@ def _walk(
     repair: bool,
     stats: _WalkStats | None,
     strict: bool = False,
+    consume: Consumer | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     segments = list_segments(directory)
     if not segments:
@@ -431,7 +453,7 @@ def _walk(
                     0,
                     f"seq discontinuity: previous segment ends at {prev_last}, this one starts at {first}",
                 )
-            end = yield from _records(path, data, first, is_last, yield_from, strict)
+            end = yield from _records(path, data, first, is_last, yield_from, strict, consume)
             if end.torn_reason is not None:
                 _handle_torn(path, end, len(data), repair)
             prev_last = end.last_seq
@@ -446,7 +468,7 @@ def _walk(
 
 
 def iter_records(
-    directory: str | os.PathLike[str], from_seq: int = 1, *, repair: bool = False
+    directory: str | os.PathLike[str], from_seq: int = 1, *, repair: bool = False, consume: Consumer | None = None
 ) -> Iterator[tuple[int, bytes]]:
     """Yield ``(seq, payload)`` for every record with seq >= from_seq, in order, across segments.
 
@@ -454,11 +476,12 @@ def iter_records(
     but the file is left alone, because a reader must never cut a file a live writer is appending
     to. ``repair=True`` takes the writer lock (fails if a writer holds it) and truncates the torn
     tail. Raises WalError if from_seq precedes the oldest record still in the log, and
-    WalCorruption for damage other than a torn tail.
+    WalCorruption for damage other than a torn tail. With ``consume`` (see :data:`Consumer`) each
+    segment's records go to it in bulk; only what it leaves is yielded (normally nothing).
     """
     if from_seq < 1:
         raise ValueError(f"from_seq must be >= 1, got {from_seq}")
-    return _walk(Path(directory), from_seq, from_seq, repair, None)
+    return _walk(Path(directory), from_seq, from_seq, repair, None, consume=consume)
 
 
 def scan(directory: str | os.PathLike[str]) -> WalInfo:

@@ -1,14 +1,17 @@
 """Optional compiled build of the engine (mypyc), never required; the pure-Python engine is the reference.
 
-``spotex core build-native`` copies ``book.py`` and ``engine.py`` into ``build/native/src/`` as the
-package ``spotex_native_engine`` (only their imports of each other are rewritten; events, views and
-the wire contract stay the shared pure-Python classes), compiles both with mypyc (shipped with mypy,
-needs a C compiler), then runs a differential check: seeded command streams applied by both engines
-must give byte-identical events, equal state hashes and interchangeable snapshots, and the compiled
-engine with its events off (how recovery replays) must end in the same state. Only then does it
+``spotex core build-native`` copies ``book.py``, ``engine.py`` and ``replay.py`` (recovery's loop
+over a WAL segment) into ``build/native/src/`` as the package ``spotex_native_engine`` (only their
+imports of each other are rewritten; events, views, the wire contract and the WAL reader stay the
+shared pure-Python code), compiles them with mypyc (shipped with mypy, needs a C compiler), then
+runs a differential check: seeded command streams applied by both engines must give byte-identical
+events, equal state hashes and interchangeable snapshots, the compiled engine with its events off
+(how recovery replays) must end in the same state, and the compiled replay loop over a WAL segment
+must end in that state too. Only then does it
 write ``build/native/stamp.json`` with the sha256 of the sources it compiled.
 
-``SPOTEX_ENGINE=native`` makes ``core.engine.Engine`` the compiled one, if a build exists whose stamp
+``SPOTEX_ENGINE=native`` makes ``core.engine.Engine`` (and ``core.engine.replay_segment``) the compiled
+one, if a build exists whose stamp
 matches the current sources (a stale build after an edit is refused, with a warning, never used);
 otherwise the pure-Python engine is used and the reason is logged. Unset (the default) or
 ``python``: pure Python. ``SPOTEX_NATIVE_DIR`` overrides where the build lives.
@@ -29,17 +32,18 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["PACKAGE", "build", "native_dir", "select", "source_digest", "verify"]
+__all__ = ["PACKAGE", "build", "native_dir", "replay_module", "select", "source_digest", "verify"]
 
 log = logging.getLogger("core.engine.native")
 
 PACKAGE = "spotex_native_engine"
 _SRC = Path(__file__).resolve().parent
-_COMPILED = ("book.py", "engine.py")
+_COMPILED = ("book.py", "engine.py", "replay.py")
 _STAMP = "stamp.json"
 
 
@@ -79,7 +83,7 @@ def _rewrite(text: str) -> str:
     of a msgspec Struct (the faster shape in pure Python). Order never leaves the engine, is never
     encoded, and compares field by field either way; the differential check in :func:`verify`
     covers the rest."""
-    text = re.sub(r"^from core\.engine\.book import", f"from {PACKAGE}.book import", text, flags=re.M)
+    text = re.sub(r"^from core\.engine\.(book|engine) import", rf"from {PACKAGE}.\1 import", text, flags=re.M)
     text, n = _ORDER_CLASS.subn(_native_order, text)
     if n:
         text = re.sub(r"^import msgspec$", "from dataclasses import dataclass", text, count=1, flags=re.M)
@@ -90,10 +94,16 @@ def _load(directory: Path) -> ModuleType:
     src = str(directory / "src")
     if src not in sys.path:
         sys.path.append(src)  # last: nothing of the project can be shadowed by it
-    mod = importlib.import_module(f"{PACKAGE}.engine")
-    if not str(getattr(mod, "__file__", "")).endswith(".so"):
-        raise ImportError(f"{PACKAGE}.engine in {src} is not compiled")
-    return mod
+    for name in ("engine", "replay"):
+        mod = importlib.import_module(f"{PACKAGE}.{name}")
+        if not str(getattr(mod, "__file__", "")).endswith(".so"):
+            raise ImportError(f"{PACKAGE}.{name} in {src} is not compiled")
+    return importlib.import_module(f"{PACKAGE}.engine")
+
+
+def replay_module() -> ModuleType:
+    """The compiled replay loop of the build :func:`select` loaded (call only after it did)."""
+    return importlib.import_module(f"{PACKAGE}.replay")
 
 
 def select() -> ModuleType | None:
@@ -125,14 +135,18 @@ def select() -> ModuleType | None:
         return None
 
 
-def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int = 3_000) -> dict[str, Any]:
-    """Differential check of a compiled engine module against the pure-Python reference."""
+def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int = 3_000,
+           replay: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Differential check of a compiled engine module against the pure-Python reference; ``replay``
+    is the build's replay loop (default: the pure one, driving ``native.Engine``)."""
     import msgspec
 
     from core.engine.engine import Engine as Pure
+    from core.engine.replay import replay_segment
     from core.sim import generate, sim_markets
     from core.wire import AddMarket, Command, SequencedCommand, WithdrawalsHalt
 
+    loop: Callable[..., Any] = replay if replay is not None else replay_segment
     enc = msgspec.msgpack.Encoder()
     checked = 0
     for seed in seeds:
@@ -167,7 +181,33 @@ def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int
         for oid in range(1, len(cmds) + 1, 7):
             if pure.order(oid) != nat.order(oid):
                 raise AssertionError(f"seed {seed}: order {oid} differs")
+        _verify_replay(native, loop, cmds, pure.snapshot())
     return {"commands": checked, "seeds": list(seeds)}
+
+
+def _verify_replay(native: ModuleType, replay: Callable[..., Any], cmds: list[Any], want: bytes) -> None:
+    """The build's replay loop over a WAL segment of ``cmds`` ends in the state ``want``."""
+    from core.recovery import JournalRecord, _rec_dec, encode_record
+    from core.wal import SEGMENT_HEADER_SIZE
+    from core.wal import encode_record as frame
+    from core.wire import SequencedCommand
+
+    half = len(cmds) // 2
+    data = bytes(SEGMENT_HEADER_SIZE) + b"".join(
+        frame(i, encode_record(JournalRecord(i, SequencedCommand(
+            seq=i, ts_ms=1_700_000_000_000 + i, fencing_token=1 if i < half + 10 or i > half + 20 else 0,
+            correlation_id=f"v{i}", command=c))))
+        for i, c in enumerate(cmds, 1)
+    )
+    eng = native.Engine(checkpoint_every=97)
+    eng.emit_events(False)
+    keys: list[int] = []
+    off, expected, _ts, applied = replay(eng, data, SEGMENT_HEADER_SIZE, 1, 1, half, _rec_dec.decode, keys, [],
+                                         None, None, 0)
+    if (off, expected, applied) != (len(data), len(cmds) + 1, len(cmds)) or len(keys) != len(cmds):
+        raise AssertionError(f"the replay loop stopped at offset {off} (seq {expected}) of {len(data)}")
+    if eng.snapshot() != want:
+        raise AssertionError("the replay loop over a WAL segment ends in another state")
 
 
 def build(directory: Path | None = None, *, verify_commands: int = 3_000) -> dict[str, Any]:
@@ -185,7 +225,7 @@ def build(directory: Path | None = None, *, verify_commands: int = 3_000) -> dic
     repo = _SRC.parent.parent
     env = {**os.environ, "MYPYPATH": str(repo), "PYTHONPATH": str(repo)}
     proc = subprocess.run(
-        [sys.executable, "-m", "mypyc", f"{PACKAGE}/book.py", f"{PACKAGE}/engine.py"],
+        [sys.executable, "-m", "mypyc", *(f"{PACKAGE}/{name}" for name in _COMPILED)],
         cwd=src, env=env, capture_output=True, text=True, check=False,
     )
     if proc.returncode != 0:
@@ -193,7 +233,7 @@ def build(directory: Path | None = None, *, verify_commands: int = 3_000) -> dic
     shutil.rmtree(src / "build", ignore_errors=True)
     compiled_s = time.perf_counter() - t0
     mod = _load(directory)
-    result = verify(mod, commands=verify_commands)
+    result = verify(mod, commands=verify_commands, replay=replay_module().replay_segment)
     stamp = {"source_sha256": digest, "verified": True, "python": sys.version.split()[0],
              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "verify": result,
              "compile_seconds": round(compiled_s, 1)}

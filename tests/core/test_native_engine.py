@@ -13,13 +13,15 @@ import logging
 import os
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import core.engine
+from benchmarks.bench_replay import run as replay_bench
 from core.engine import native
 from core.engine.engine import Engine as PureEngine
-from core.wire import Event, SequencedCommand, TradeExecuted
+from core.wire import Deposit, Event, SequencedCommand, TradeExecuted
 
 
 def test_default_is_the_pure_engine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,6 +86,16 @@ class _SilentSkipsCheckpointSeq(PureEngine):
             super()._checkpoint()
 
 
+def _replay_with_an_extra_deposit(engine: Any, *args: Any) -> Any:
+    """The replay loop, then one command the segment does not hold."""
+    from core.engine.replay import replay_segment
+
+    progress = replay_segment(engine, *args)
+    engine.apply(SequencedCommand(seq=progress[1], ts_ms=0, fencing_token=1, correlation_id="x",
+                                  command=Deposit(account_id=1_000, asset="USDT", amount=1)))
+    return progress
+
+
 def test_the_differential_check_catches_a_different_engine() -> None:
     fake = types.SimpleNamespace(Engine=_FloorFeeEngine)
     with pytest.raises(AssertionError, match="events differ"):
@@ -91,6 +103,9 @@ def test_the_differential_check_catches_a_different_engine() -> None:
     fake = types.SimpleNamespace(Engine=_SilentSkipsCheckpointSeq)
     with pytest.raises(AssertionError, match="with events off ends in another state"):
         native.verify(fake, seeds=(1,), commands=300)  # type: ignore[arg-type]
+    same = types.SimpleNamespace(Engine=PureEngine)
+    with pytest.raises(AssertionError, match="replay loop over a WAL segment ends in another state"):
+        native.verify(same, seeds=(1,), commands=300, replay=_replay_with_an_extra_deposit)  # type: ignore[arg-type]
     same = types.SimpleNamespace(Engine=PureEngine)
     assert native.verify(same, seeds=(1,), commands=300)["commands"] > 300  # type: ignore[arg-type]
 
@@ -130,12 +145,20 @@ def test_a_present_build_equals_the_pure_engine(tmp_path_factory: pytest.TempPat
     mod = native.select()
     assert mod is not None
     assert mod.Engine is not PureEngine
-    res_v = native.verify(mod, seeds=(11, 12), commands=2_000)
+    loop = native.replay_module()
+    assert str(loop.__file__).endswith(".so")
+    res_v = native.verify(mod, seeds=(11, 12), commands=2_000, replay=loop.replay_segment)
     assert res_v["commands"] > 4_000
     bench = spotex_cli("bench", "engine", "--commands", "20000", "--json", timeout=300)  # inherits the env set above
     assert bench.returncode == 0, bench.stderr
     out_b = json.loads(bench.stdout)
     assert out_b["engine_impl"] == "native" and out_b["commands"] == 20_000
+    # A restart's replay through the compiled loop: same state hash as the pure engine's replay.
+    replay = spotex_cli("bench", "replay", "--records", "20000", "--replay-events", "5000", "--json", timeout=300)
+    assert replay.returncode == 0, replay.stderr
+    out_r = json.loads(replay.stdout)
+    assert out_r["engine_impl"] == "native" and out_r["records"] == 20_000
+    assert out_r["state_hash"] == replay_bench(20_000, replay_events=5_000)["state_hash"]
     # The golden scenarios and the model-based test against the compiled class, in a child pytest
     # whose core.engine.Engine is the compiled one (the first test named checks that it is).
     import subprocess
@@ -165,8 +188,9 @@ def test_the_rewritten_sources_are_the_same_engine(tmp_path: Path, monkeypatch: 
     pkg = tmp_path / native.PACKAGE
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    for name in ("book.py", "engine.py"):
+    for name in native._COMPILED:
         (pkg / name).write_text(native._rewrite((Path(book.__file__).parent / name).read_text()))
+    assert f"from {native.PACKAGE}.engine import Engine" in (pkg / "replay.py").read_text()
     text = (pkg / "book.py").read_text()
     assert "@dataclass\nclass Order:" in text and "msgspec" not in text
     for name in [m for m in sys.modules if m == native.PACKAGE or m.startswith(native.PACKAGE + ".")]:
@@ -181,7 +205,9 @@ def test_the_rewritten_sources_are_the_same_engine(tmp_path: Path, monkeypatch: 
         o = rbook.Order(*range(len(fields) - 1))
         assert [getattr(o, f) for f in fields] == [*range(len(fields) - 1), None]  # quote_amount defaults
         assert rengine.Order is rbook.Order
-        assert native.verify(rengine, seeds=(5,), commands=1_500)["commands"] > 1_500
+        rreplay = importlib.import_module(f"{native.PACKAGE}.replay")
+        assert rreplay.Engine is rengine.Engine
+        assert native.verify(rengine, seeds=(5,), commands=1_500, replay=rreplay.replay_segment)["commands"] > 1_500
     finally:
         for name in [m for m in sys.modules if m == native.PACKAGE or m.startswith(native.PACKAGE + ".")]:
             del sys.modules[name]

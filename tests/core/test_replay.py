@@ -20,7 +20,7 @@ from core import recovery
 from core.engine import Engine
 from core.recovery import JournalRecord, NodeState, encode_record, recover, take_snapshot
 from core.sim import generate, sim_markets
-from core.wal import WalWriter
+from core.wal import WalCorruption, WalWriter
 from core.wire import AddMarket, Command, PlaceOrder, SequencedCommand
 
 
@@ -180,3 +180,26 @@ def test_a_failed_recovery_closes_the_writer_it_opened(tmp_path: Path) -> None:
         recover(tmp_path, events_tail=-1, open_wal=open_wal)
     assert len(wals) == 1
     WalWriter(tmp_path / "wal", fsync=False).close()  # the lock is free again
+
+
+def test_recover_stops_where_the_reader_says(tmp_path: Path) -> None:
+    """The replay loop takes the records the WAL reader's check accepts and leaves the rest to the
+    reader: a torn last record is left out (read-only recovery), damage before the end stops
+    recovery with the file and offset named, and nothing after the damage is applied."""
+    stream = _stream(10, 300)
+    _write_wal(tmp_path, [JournalRecord(sc.seq, sc) for sc in stream])
+    seg = sorted((tmp_path / "wal").glob("wal-*.log"))[-1]
+    whole = seg.read_bytes()
+    ref = Engine()
+    for sc in stream[:-1]:
+        ref.apply(sc)
+    seg.write_bytes(whole[:-7])  # the last record torn
+    got = recover(tmp_path, keep_events=False)
+    assert got.replayed == len(stream) - 1
+    assert got.engine.state_hash() == ref.state_hash()
+    # one flipped payload byte in the middle: corruption, named, not a torn tail
+    mid = len(whole) // 2
+    seg.write_bytes(whole[:mid] + bytes([whole[mid] ^ 0x55]) + whole[mid + 1:])
+    with pytest.raises(WalCorruption) as exc:
+        recover(tmp_path, keep_events=False)
+    assert str(seg) in str(exc.value) and exc.value.offset <= mid

@@ -1,0 +1,84 @@
+"""The replay loop: the WAL records of one segment's bytes, checked, decoded and applied in one pass.
+
+No I/O: recovery (core/recovery.py) hands each segment's bytes here through ``core.wal``'s reader,
+which does everything else (segment headers, the seq across segments, and classifying the record
+this loop stops at as a torn tail or as corruption). A record is applied only if it passes the
+reader's own fast-path check, the same one ``core.wal._records`` makes: its seq is the next one, it
+lies inside the data, and its payload checksum (over seq and payload) matches.
+
+Kept next to the engine because ``spotex core build-native`` compiles it together with the engine
+(see core/engine/native.py): compiled, the per-record work between the engine and the msgpack
+decoder (header, checksum, slicing, the loop itself) runs as C and calls the compiled engine
+directly. Uncompiled it is the same loop in Python.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from core.engine.engine import Engine
+from core.wal import RECORD_HEADER, RECORD_HEADER_SIZE
+from core.wire import Event
+
+__all__ = ["replay_segment"]
+
+# (offset of the first record not taken, its expected seq, newest ts_ms seen, records applied)
+Progress = tuple[int, int, int, int]
+
+
+def replay_segment(
+    engine: Engine,
+    data: bytes,
+    off: int,
+    expected: int,
+    apply_from: int,
+    loud_at: int,
+    decode: Callable[[bytes], Any],
+    src_keys: list[int],
+    src_seqs: list[int],
+    keep: list[Event] | None,
+    on_events: Callable[[list[Event]], None] | None,
+    last_ts: int,
+) -> Progress:
+    """Apply the records of ``data`` from ``off`` (whose seq must be ``expected``) with seq >=
+    ``apply_from``, until the end or the first record that fails the check. Events are switched
+    on at seq ``loud_at`` (the engine's current setting otherwise), kept in ``keep`` and passed to
+    ``on_events`` when given. Each record's (source seq, seq) goes to ``src_keys``/``src_seqs``
+    when it has a source (see core.recovery._fold_sources)."""
+    size = len(data)
+    mv = memoryview(data)
+    unpack = RECORD_HEADER.unpack_from
+    crc32 = zlib.crc32
+    hs: int = RECORD_HEADER_SIZE
+    applied = 0
+    while size - off >= hs:
+        hdr: tuple[int, int, int, int] = unpack(data, off)
+        seq = hdr[3]
+        end = off + hs + hdr[1]
+        if seq != expected or end > size or crc32(mv[off + 12 : end]) != hdr[2]:
+            break
+        if seq >= apply_from:
+            if seq == loud_at:
+                engine.emit_events(True)
+            rec = decode(data[off + hs : end])
+            cmd = rec.cmd
+            if cmd.seq != seq:
+                raise RuntimeError(f"WAL record {seq} holds command seq {cmd.seq}")
+            evs = engine.apply(cmd)
+            ts: int = cmd.ts_ms
+            if ts > last_ts:
+                last_ts = ts
+            src: int = rec.source_seq
+            if src:
+                src_keys.append(src)
+                src_seqs.append(seq)
+            if keep is not None:
+                keep.extend(evs)
+            if on_events is not None:
+                on_events(evs)
+            applied += 1
+        expected = seq + 1
+        off = end
+    return off, expected, last_ts, applied
