@@ -351,7 +351,7 @@ class CoreNode:
         self.engine, self.state = rec.engine, rec.state
         self.recovered = {"last_seq": rec.engine.last_seq, "state_hash": rec.engine.state_hash(),
                           "snapshot_seq": rec.snapshot_seq, "replayed": rec.replayed,
-                          "events_from": min(rec.events_from, rec.engine.last_seq + 1),
+                          "events_from": rec.events_from,
                           "seconds": round(rec.seconds, 3), "replay_seconds": round(rec.replay_seconds, 3),
                           "replay_cpu_seconds": round(rec.replay_cpu_seconds, 3),
                           "engine_impl": ENGINE_IMPL}

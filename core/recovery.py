@@ -12,7 +12,7 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import msgspec
 
 from core.engine import Engine, replay_segment
 from core.snapshot import latest_valid_snapshot, write_snapshot
-from core.wal import Consumer, WalWriter, iter_records, list_segments
+from core.wal import WalWriter, iter_records
 from core.wire import Event, SequencedCommand
 
 __all__ = [
@@ -112,7 +112,7 @@ class Recovered:
     events: list[Event]  # events of the replayed records from ``events_from`` on
     replay_seconds: float = 0.0  # the replay loop alone
     replay_cpu_seconds: float = 0.0  # its process CPU time
-    events_from: int = 0  # first seq whose events were built (> last_seq: none were)
+    events_from: int = 0  # first seq whose events were built (last_seq + 1: none were)
     wal: WalWriter | None = None  # the writer ``open_wal`` opened, positioned after the last record
 
 
@@ -215,13 +215,13 @@ def _replay(
 ) -> tuple[int, int, list[Event]]:
     r = _Replayer(engine, state, events_from if events_from > snapshot_seq + 1 else 0,
                   [] if keep_events else None, on_events)
-    for seq, _payload in _records_after(wal_dir, snapshot_seq, r):
+    for seq, _payload in iter_records(wal_dir, snapshot_seq + 1, consume=r):
         # replay_segment takes every record the reader's check accepts; nothing is left to yield
         raise RuntimeError(f"WAL record {seq}: left over by the replay loop")
     engine.emit_events(True)  # the engine handed on always emits
     state.last_ts_ms = r.last_ts
     _fold_sources(state, r.src_keys, r.src_seqs)
-    return r.replayed, max(events_from, snapshot_seq + 1), r.events or []
+    return r.replayed, min(max(events_from, snapshot_seq + 1), engine.last_seq + 1), r.events or []
 
 
 class _Replayer:
@@ -276,12 +276,6 @@ def _fold_sources(state: NodeState, keys: list[int], seqs: list[int]) -> None:
         have[k] = v
         if len(have) > SOURCE_WINDOW:
             have.popitem(last=False)
-
-
-def _records_after(wal_dir: Path, seq: int, consume: Consumer) -> Iterable[tuple[int, bytes]]:
-    if not list_segments(wal_dir):
-        return iter(())
-    return iter_records(wal_dir, seq + 1, consume=consume)
 
 
 def take_snapshot(core_dir: Path, engine: Engine, state: NodeState) -> Path:

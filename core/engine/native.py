@@ -157,11 +157,13 @@ def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int
         silent = native.Engine(checkpoint_every=97)  # events off all along, as recovery replays
         silent.emit_events(False)
         half = len(cmds) // 2
+        stream: list[SequencedCommand] = []
         for i, c in enumerate(cmds, 1):
             # the fencing token steps back once per stream: stale-command rejections are compared too
             token = 1 if i < half + 10 or i > half + 20 else 0
             sc = SequencedCommand(seq=i, ts_ms=1_700_000_000_000 + i, fencing_token=token, correlation_id=f"v{i}",
                                   command=c)
+            stream.append(sc)
             a, b = enc.encode(pure.apply(sc)), enc.encode(nat.apply(sc))
             if silent.apply(sc):
                 raise AssertionError(f"seed {seed}, seq {i}: the compiled engine built events with them off")
@@ -181,30 +183,26 @@ def verify(native: ModuleType, seeds: tuple[int, ...] = (1, 2, 3), commands: int
         for oid in range(1, len(cmds) + 1, 7):
             if pure.order(oid) != nat.order(oid):
                 raise AssertionError(f"seed {seed}: order {oid} differs")
-        _verify_replay(native, loop, cmds, pure.snapshot())
+        _verify_replay(native, loop, stream, pure.snapshot())
     return {"commands": checked, "seeds": list(seeds)}
 
 
-def _verify_replay(native: ModuleType, replay: Callable[..., Any], cmds: list[Any], want: bytes) -> None:
-    """The build's replay loop over a WAL segment of ``cmds`` ends in the state ``want``."""
+def _verify_replay(native: ModuleType, replay: Callable[..., Any], stream: list[Any], want: bytes) -> None:
+    """The build's replay loop over a WAL segment of ``stream`` (sequenced commands, seq 1 on) ends
+    in the state ``want``; events go on half way."""
     from core.recovery import JournalRecord, _rec_dec, encode_record
     from core.wal import SEGMENT_HEADER_SIZE
     from core.wal import encode_record as frame
-    from core.wire import SequencedCommand
 
-    half = len(cmds) // 2
     data = bytes(SEGMENT_HEADER_SIZE) + b"".join(
-        frame(i, encode_record(JournalRecord(i, SequencedCommand(
-            seq=i, ts_ms=1_700_000_000_000 + i, fencing_token=1 if i < half + 10 or i > half + 20 else 0,
-            correlation_id=f"v{i}", command=c))))
-        for i, c in enumerate(cmds, 1)
+        frame(sc.seq, encode_record(JournalRecord(sc.seq, sc))) for sc in stream
     )
     eng = native.Engine(checkpoint_every=97)
     eng.emit_events(False)
     keys: list[int] = []
-    off, expected, _ts, applied = replay(eng, data, SEGMENT_HEADER_SIZE, 1, 1, half, _rec_dec.decode, keys, [],
-                                         None, None, 0)
-    if (off, expected, applied) != (len(data), len(cmds) + 1, len(cmds)) or len(keys) != len(cmds):
+    off, expected, _ts, applied = replay(eng, data, SEGMENT_HEADER_SIZE, 1, 1, len(stream) // 2, _rec_dec.decode,
+                                         keys, [], None, None, 0)
+    if (off, expected, applied) != (len(data), len(stream) + 1, len(stream)) or len(keys) != len(stream):
         raise AssertionError(f"the replay loop stopped at offset {off} (seq {expected}) of {len(data)}")
     if eng.snapshot() != want:
         raise AssertionError("the replay loop over a WAL segment ends in another state")

@@ -106,7 +106,6 @@ def test_the_differential_check_catches_a_different_engine() -> None:
     same = types.SimpleNamespace(Engine=PureEngine)
     with pytest.raises(AssertionError, match="replay loop over a WAL segment ends in another state"):
         native.verify(same, seeds=(1,), commands=300, replay=_replay_with_an_extra_deposit)  # type: ignore[arg-type]
-    same = types.SimpleNamespace(Engine=PureEngine)
     assert native.verify(same, seeds=(1,), commands=300)["commands"] > 300  # type: ignore[arg-type]
 
 
