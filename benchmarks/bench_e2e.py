@@ -89,6 +89,9 @@ async def drive(edge: str, nats_url: str, keys: list[dict[str, Any]], orders: in
     errors = 0
     kinds = {"rest": 0, "cross": 0, "cancel": 0}
     counter = iter(range(orders))
+    # Crossing orders repeat their body, so each carries a client order id: two identical signed
+    # requests of one key in the same millisecond are a replay, which the edge refuses (401).
+    run = f"{time.time_ns() // 1_000_000 % 10**9:x}"
     t_start = time.perf_counter()
 
     async def worker(w: int) -> None:
@@ -112,7 +115,7 @@ async def drive(edge: str, nats_url: str, keys: list[dict[str, Any]], orders: in
                     kind, method, path = "cross", "POST", "/v1/orders"
                     body = json.dumps({"symbol": "BTC-USDT", "side": "BUY" if buy else "SELL",
                                        "price": "42600.00" if buy else "38900.00", "quantity": "0.001",
-                                       "timeInForce": "IOC"}).encode()
+                                       "timeInForce": "IOC", "clientOrderId": f"x{run}-{i}"}).encode()
                 else:  # 70%: resting limit orders on both sides, never crossing each other
                     buy = i % 2 == 0
                     price = f"{(39000 + (i % 500)) if buy else (42000 + (i % 500))}.00"

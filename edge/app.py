@@ -19,7 +19,7 @@ import contextlib
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,12 +53,13 @@ from edge.auth import (
 )
 from edge.core_client import CoreClient
 from edge.errors import PROBLEM_CONTENT_TYPE, SpotexError, to_binance, to_problem
-from edge.idempotency import IdempotencyStore, StoredResponse, fingerprint, validate_key
+from edge.idempotency import IdempotencyStore, StoredResponse, fingerprint
 from edge.idempotency import run as idem_run
 from edge.ratelimit import EdgeRateLimiter
 from spotex.config import Config, market_configs
 
-__all__ = ["EdgeState", "create_app", "edge_state", "json_response", "problem_stored"]
+__all__ = ["MAX_BODY", "Call", "EdgeState", "create_app", "edge_state", "json_response", "observe_request",
+           "problem_stored", "render_error", "stored_response"]
 
 log = logging.getLogger("edge.app")
 
@@ -70,6 +71,7 @@ M_ERRORS = Counter("edge_http_errors", "Edge HTTP error responses by stable code
 M_MAPPING = Gauge("edge_market_mapping_mismatch", "Markets this edge defines differently from the matching engine")
 
 _JSON = msgspec.json.Encoder()
+MAX_BODY = 64 * 1024  # bytes of a request body; more is 413 PAYLOAD_TOO_LARGE
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
@@ -77,9 +79,30 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
                     headers=headers or {})
 
 
+def stored_response(resp: StoredResponse) -> Response[Any]:
+    """A stored (or freshly built) answer as a Litestar response."""
+    headers = dict(resp.headers)
+    media = headers.pop("content-type", MediaType.JSON)
+    return Response(content=resp.body, status_code=resp.status, media_type=media, headers=headers)
+
+
 def problem_stored(exc: SpotexError, instance: str, *, order_call: bool) -> StoredResponse:
     body = _JSON.encode(to_problem(exc, instance, order_call=order_call))
     return StoredResponse(exc.status, body, {"content-type": PROBLEM_CONTENT_TYPE, **exc.headers})
+
+
+@dataclass(slots=True)
+class Call:
+    """What authentication, rate limiting and idempotency read of one HTTP request, whichever
+    front parsed it (a Litestar ``Request`` through :meth:`EdgeState.call_of`, or ``edge.fastpath``)."""
+
+    ip: str
+    method: str
+    path: str  # the decoded path: a problem's ``instance``
+    target: str  # raw path and query as the client signed them
+    body: bytes
+    headers: Mapping[str, str]  # read with lower-case names
+    state: dict[str, Any]  # the scope's state: ``rl_headers`` once the request is charged
 
 
 @dataclass
@@ -124,22 +147,35 @@ class EdgeState:
             blocked.raise_if_denied()
         return ip, await request.body(), _target(request)
 
+    async def call_of(self, request: Request[Any, Any, Any]) -> Call:
+        """The parts of a Litestar request that authentication and idempotency read."""
+        return Call(ip=self.client_ip(request), method=request.method, path=request.url.path,
+                    target=_target(request), body=await request.body(), headers=request.headers,
+                    state=_scope_state(request.scope))
+
     async def authenticate(self, request: Request[Any, Any, Any], scope: str) -> Principal:
         """Verify the native signed headers, charge the rate limits, record the RateLimit headers."""
+        return await self.authenticate_call(await self.call_of(request), scope)
+
+    async def authenticate_call(self, call: Call, scope: str) -> Principal:
+        """:meth:`authenticate` on a request's parts (the Litestar route and ``edge.fastpath`` both
+        come here): a blocked IP first, then the signature, then the key's and the IP's buckets."""
         assert self.verifier is not None and self.limiter is not None
-        ip, body, pwq = await self.signed_parts(request)
-        h = request.headers
+        blocked = self.limiter.ip_blocked(call.ip)
+        if blocked is not None:
+            blocked.raise_if_denied()
+        h = call.headers
         try:
             p = await self.verifier.verify(api_key=h.get("x-api-key"), ts=h.get("x-ts"),
-                                           signature=h.get("x-signature"), method=request.method,
-                                           path_with_query=pwq, body=body, required_scope=scope)
+                                           signature=h.get("x-signature"), method=call.method,
+                                           path_with_query=call.target, body=call.body, required_scope=scope)
         except SpotexError:
             # Unknown keys and failed auth pay the IP's bucket (the limiter counts the drop).
-            self.limiter.check(ip=ip).raise_if_denied()
+            self.limiter.check(ip=call.ip).raise_if_denied()
             raise
-        d = self.limiter.check(ip=ip, api_key=p.api_key)
+        d = self.limiter.check(ip=call.ip, api_key=p.api_key)
         d.raise_if_denied()
-        _set_rl(request, d.headers())
+        call.state["rl_headers"] = d.headers()
         return p
 
     async def authenticate_operator(self, request: Request[Any, Any, Any], role: str) -> OperatorIdentity:
@@ -160,17 +196,15 @@ class EdgeState:
         assert self.limiter is not None
         d = self.limiter.check(ip=self.client_ip(request), cost=cost)
         d.raise_if_denied()
-        _set_rl(request, d.headers())
+        _scope_state(request.scope)["rl_headers"] = d.headers()
 
-    async def idempotent(self, request: Request[Any, Any, Any], principal: Principal,
-                         handler: Callable[[], Awaitable[StoredResponse]], *, order_call: bool,
-                         key: str | None = None) -> Response[Any]:
-        """Run ``handler`` under the request's Idempotency-Key (if any). A handler's definitive 4xx
-        (a core reject, a validation error) is stored and replayed; an UNKNOWN outcome releases the key."""
+    async def idempotent_call(self, call: Call, principal: Principal,
+                              handler: Callable[[], Awaitable[StoredResponse]], *, order_call: bool,
+                              key: str | None) -> StoredResponse:
+        """Run ``handler`` under the Idempotency-Key ``key`` (None: no key). A handler's definitive
+        4xx (a core reject, a validation error) is stored and replayed; an UNKNOWN outcome releases
+        the key."""
         assert self.idem is not None
-        if key is None:
-            key = validate_key(request.headers.get("idempotency-key"))
-        instance = request.url.path
 
         async def run() -> StoredResponse:
             try:
@@ -178,19 +212,13 @@ class EdgeState:
             except SpotexError as exc:
                 # A 429 (rate limit, symbol throttle) is not the request's outcome: a retry may pass.
                 if exc.status < 500 and not exc.code.startswith("IDEMPOTENCY_") and exc.status != 429:
-                    return problem_stored(exc, instance, order_call=order_call)
+                    return problem_stored(exc, call.path, order_call=order_call)
                 raise
 
         if key is None:
-            resp = await run()
-        else:
-            body = await request.body()
-            pwq = _target(request)
-            fp = fingerprint(request.method, pwq, body, principal.api_key)
-            resp = await idem_run(self.idem, principal.api_key, key, fp, run)
-        headers = dict(resp.headers)
-        media = headers.pop("content-type", MediaType.JSON)
-        return Response(content=resp.body, status_code=resp.status, media_type=media, headers=headers)
+            return await run()
+        fp = fingerprint(call.method, call.target, call.body, principal.api_key)
+        return await idem_run(self.idem, principal.api_key, key, fp, run)
 
     # --- readiness -------------------------------------------------------------------------------
 
@@ -298,11 +326,13 @@ class EdgeState:
                 self.withdrawals_halted = ev.on
 
 
-def _set_rl(request: Request[Any, Any, Any], headers: dict[str, str]) -> None:
-    st = request.scope.get("state")
+def _scope_state(scope: Any) -> dict[str, Any]:
+    """The ASGI scope's ``state`` dict, where the RateLimit headers of a charged request wait for
+    the response (``_metrics_middleware`` adds them to a success, the error renderer to an error)."""
+    st: dict[str, Any] | None = scope.get("state")
     if st is None:
-        st = request.scope["state"] = {}
-    st["rl_headers"] = headers
+        st = scope["state"] = {}
+    return st
 
 
 def _target(request: Request[Any, Any, Any]) -> str:
@@ -375,27 +405,33 @@ def _to_spotex(exc: Exception) -> SpotexError | Exception:
 
 
 def _exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    status, body, media, headers = render_error(exc, request.method, request.url.path,
+                                                (request.scope.get("state") or {}).get("rl_headers"))
+    return Response(content=body, status_code=status, media_type=media, headers=headers)
+
+
+def render_error(exc: Exception, method: str, path: str, rl_headers: dict[str, str] | None
+                 ) -> tuple[int, bytes, str, dict[str, str]]:
+    """(status, body, content type, headers) of the answer to ``exc``: problem+json, or Binance's
+    ``{"code","msg"}`` under ``/api/v3``. The request's RateLimit headers ride along."""
     conv = _to_spotex(exc)
-    path = request.url.path
-    extra_headers: dict[str, str] = dict((request.scope.get("state") or {}).get("rl_headers") or {})
+    extra_headers: dict[str, str] = dict(rl_headers or {})
     if not isinstance(conv, SpotexError):
         log.exception("unhandled error", exc_info=exc, extra={"path": path})
         conv = SpotexError("INTERNAL", detail="Unexpected failure; it has been logged.")
     M_ERRORS.labels(conv.code).inc()
     extra_headers.update(conv.headers)
     if path.startswith("/api/v3"):
-        cancel = request.method == "DELETE"
+        cancel = method == "DELETE"
         # Binance answers client errors with 400 (401 for key problems, 429 for limits).
         status = conv.status
         if status in (403,):
             status = 401
         elif status in (404, 409, 413, 415, 422):
             status = 400
-        return Response(content=_JSON.encode(to_binance(conv, cancel=cancel)), status_code=status,
-                        media_type=MediaType.JSON, headers=extra_headers)
+        return status, _JSON.encode(to_binance(conv, cancel=cancel)), MediaType.JSON, extra_headers
     body = to_problem(conv, path, order_call=_is_order_call(path))
-    return Response(content=_JSON.encode(body), status_code=conv.status, media_type=PROBLEM_CONTENT_TYPE,
-                    headers=extra_headers)
+    return conv.status, _JSON.encode(body), PROBLEM_CONTENT_TYPE, extra_headers
 
 
 def _after_request(response: Response[Any]) -> Response[Any]:
@@ -403,6 +439,12 @@ def _after_request(response: Response[Any]) -> Response[Any]:
 
 
 # --- metrics middleware (pure ASGI: one histogram sample per request, labelled by route template) --
+
+
+def observe_request(method: str, route: str, status: int, t0: float) -> None:
+    """One request's latency sample and status-class count (``t0`` from ``time.perf_counter``)."""
+    M_LATENCY.labels(method, route).observe(time.perf_counter() - t0)
+    M_REQUESTS.labels(method, route, f"{status // 100}xx").inc()
 
 
 def _metrics_middleware(app: Any) -> Any:
@@ -427,10 +469,7 @@ def _metrics_middleware(app: Any) -> Any:
         try:
             await app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("path_template") or "unmatched"
-            method = scope.get("method", "GET")
-            M_LATENCY.labels(method, route).observe(time.perf_counter() - t0)
-            M_REQUESTS.labels(method, route, f"{status[0] // 100}xx").inc()
+            observe_request(scope.get("method", "GET"), scope.get("path_template") or "unmatched", status[0], t0)
 
     return mw
 
@@ -576,7 +615,7 @@ def create_app(cfg: Config, *, nats_url: str, pg_dsn: str, data_dir: Path | None
         exception_handlers={Exception: _exception_handler},
         openapi_config=openapi,
         middleware=[_metrics_middleware],
-        request_max_body_size=64 * 1024,
+        request_max_body_size=MAX_BODY,
         debug=False,
     )
     return app

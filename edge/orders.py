@@ -38,7 +38,7 @@ from core.wire import (
     qty_to_lots,
     ticks_to_price,
 )
-from edge.app import EdgeState, edge_state, json_response
+from edge.app import Call, EdgeState, edge_state, json_response, stored_response
 from edge.auth import Principal
 from edge.core_client import CommandResult, Fill, correlation_for
 from edge.errors import PROBLEM_CONTENT_TYPE, SpotexError, order_rejected
@@ -53,10 +53,13 @@ __all__ = [
     "OrderOut",
     "PlaceOrderIn",
     "Problem",
+    "cancel_call",
     "fill_out",
     "order_from_events",
     "order_from_view",
     "parse_place",
+    "place_call",
+    "trade_call",
 ]
 
 Decimal = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,30}(\.[0-9]{1,30})?$", examples=["65000.10"],
@@ -344,14 +347,34 @@ def _stored(data: Any, status: int = 200) -> StoredResponse:
     return StoredResponse(status, msgspec.json.encode(data), {"content-type": "application/json"})
 
 
-async def _trade_call(request: Request[Any, Any, Any], idempotency_key: str | None
-                      ) -> tuple[EdgeState, Principal, str | None, str]:
+async def trade_call(st: EdgeState, call: Call) -> tuple[Principal, str | None, str]:
     """The opening of every order call: authenticate with the trade scope, validate the
     Idempotency-Key, derive the command's correlation id (its ``Nats-Msg-Id``)."""
-    st = edge_state(request)
-    p = await st.authenticate(request, "trade")
-    key = validate_key(idempotency_key)
-    return st, p, key, correlation_for(p.api_key, key)
+    p = await st.authenticate_call(call, "trade")
+    key = validate_key(call.headers.get("idempotency-key"))
+    return p, key, correlation_for(p.api_key, key)
+
+
+async def place_call(st: EdgeState, call: Call, data: PlaceOrderIn) -> StoredResponse:
+    """POST /v1/orders once its body is decoded (the Litestar route and ``edge.fastpath``)."""
+    p, key, corr = await trade_call(st, call)
+
+    async def handler() -> StoredResponse:
+        return _stored(await place_order(st, p.account_id, data, corr), 201)
+
+    return await st.idempotent_call(call, p, handler, order_call=True, key=key)
+
+
+async def cancel_call(st: EdgeState, call: Call, *, order_id: int | None = None,
+                      client_order_id: str | None = None) -> StoredResponse:
+    """DELETE /v1/orders/{id} or /v1/orders/by-client-id/{id} (the Litestar routes and ``edge.fastpath``)."""
+    p, key, corr = await trade_call(st, call)
+
+    async def handler() -> StoredResponse:
+        v = await find_order(st, p.account_id, order_id=order_id, client_order_id=client_order_id)
+        return _stored(await cancel_order(st, p.account_id, v, corr))
+
+    return await st.idempotent_call(call, p, handler, order_call=True, key=key)
 
 
 # --- routes ---------------------------------------------------------------------------------------
@@ -366,12 +389,9 @@ _IDEM = Parameter(header="Idempotency-Key", required=False,
       summary="Place an order")
 async def post_order(request: Request[Any, Any, Any], data: PlaceOrderIn,
                      idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st, p, key, corr = await _trade_call(request, idempotency_key)
-
-    async def handler() -> StoredResponse:
-        return _stored(await place_order(st, p.account_id, data, corr), 201)
-
-    return await st.idempotent(request, p, handler, order_call=True, key=key)
+    # The Idempotency-Key is read from the headers in ``trade_call``; the parameter documents it.
+    st = edge_state(request)
+    return stored_response(await place_call(st, await st.call_of(request), data))
 
 
 @get("/v1/orders/{order_id:int}", responses=READ_ERRORS, security=_SEC, tags=["orders"], summary="Get an order")
@@ -395,33 +415,25 @@ async def get_order_by_coid(request: Request[Any, Any, Any], client_order_id: st
         summary="Cancel an order")
 async def delete_order(request: Request[Any, Any, Any], order_id: int,
                        idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st, p, key, corr = await _trade_call(request, idempotency_key)
-
-    async def handler() -> StoredResponse:
-        v = await find_order(st, p.account_id, order_id=order_id)
-        return _stored(await cancel_order(st, p.account_id, v, corr))
-
-    return await st.idempotent(request, p, handler, order_call=True, key=key)
+    st = edge_state(request)
+    return stored_response(await cancel_call(st, await st.call_of(request), order_id=order_id))
 
 
 @delete("/v1/orders/by-client-id/{client_order_id:str}", status_code=200, responses=TRADE_ERRORS, security=_SEC,
         tags=["orders"], summary="Cancel an order by client order id")
 async def delete_order_by_coid(request: Request[Any, Any, Any], client_order_id: str,
                                idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st, p, key, corr = await _trade_call(request, idempotency_key)
-
-    async def handler() -> StoredResponse:
-        v = await find_order(st, p.account_id, client_order_id=client_order_id)
-        return _stored(await cancel_order(st, p.account_id, v, corr))
-
-    return await st.idempotent(request, p, handler, order_call=True, key=key)
+    st = edge_state(request)
+    return stored_response(await cancel_call(st, await st.call_of(request), client_order_id=client_order_id))
 
 
 @patch("/v1/orders/{order_id:int}", responses=TRADE_ERRORS, security=_SEC, tags=["orders"],
        summary="Amend an order (quantity and/or price)")
 async def amend_order(request: Request[Any, Any, Any], order_id: int, data: AmendIn,
                       idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[OrderOut]:
-    st, p, key, corr = await _trade_call(request, idempotency_key)
+    st = edge_state(request)
+    call = await st.call_of(request)
+    p, key, corr = await trade_call(st, call)
 
     async def handler() -> StoredResponse:
         assert st.core is not None
@@ -445,14 +457,16 @@ async def amend_order(request: Request[Any, Any, Any], order_id: int, data: Amen
         nv = await find_order(st, p.account_id, order_id=order_id)
         return _stored(order_from_view(nv, m, st))
 
-    return await st.idempotent(request, p, handler, order_call=True, key=key)
+    return stored_response(await st.idempotent_call(call, p, handler, order_call=True, key=key))
 
 
 @delete("/v1/orders", status_code=200, responses=TRADE_ERRORS, security=_SEC, tags=["orders"],
         summary="Cancel all open orders of the account (optionally one symbol)")
 async def cancel_all(request: Request[Any, Any, Any], symbol: Annotated[str | None, Parameter(query="symbol")] = None,
                      idempotency_key: Annotated[str | None, _IDEM] = None) -> Response[CancelAllOut]:
-    st, p, key, corr = await _trade_call(request, idempotency_key)
+    st = edge_state(request)
+    call = await st.call_of(request)
+    p, key, corr = await trade_call(st, call)
     if symbol is not None:
         _market(st, symbol)
 
@@ -465,7 +479,7 @@ async def cancel_all(request: Request[Any, Any, Any], symbol: Annotated[str | No
         n = sum(e.canceled for e in res.events if isinstance(e, CancelAllDone))
         return _stored(CancelAllOut(canceled=n, symbol=symbol))
 
-    return await st.idempotent(request, p, handler, order_call=True, key=key)
+    return stored_response(await st.idempotent_call(call, p, handler, order_call=True, key=key))
 
 
 @get("/v1/orders/open", responses=READ_ERRORS, security=_SEC, tags=["orders"], summary="Open orders")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.obs import freeze_heap
 
@@ -25,10 +25,14 @@ log = logging.getLogger("edge.service")
 async def run(ctx: ServiceContext) -> None:
     import uvicorn
 
-    from edge.app import create_app
+    from edge.app import MAX_BODY, create_app
 
     cfg = ctx.cfg
-    app = create_app(cfg, nats_url=ctx.endpoints.nats_url, pg_dsn=ctx.endpoints.pg_dsn, data_dir=ctx.data.root)
+    app: Any = create_app(cfg, nats_url=ctx.endpoints.nats_url, pg_dsn=ctx.endpoints.pg_dsn, data_dir=ctx.data.root)
+    if cfg.edge.fast_path:
+        from edge.fastpath import FastOrders
+
+        app = FastOrders(app, app.state.edge, max_body=MAX_BODY)
     port = ctx.probe_port or cfg.edge.port
     config = uvicorn.Config(app, host=cfg.edge.host, port=port, log_level="warning", access_log=False,
                             lifespan="on", loop="none", http="httptools", timeout_graceful_shutdown=10,
