@@ -25,6 +25,7 @@ it, so it goes negative), ``FEE_ACCOUNT`` (1) collects fees.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from enum import StrEnum
@@ -612,9 +613,19 @@ def _parse(value: str, what: str, code: RejectCode) -> tuple[int, int]:
     return int(ip + fp), len(fp)
 
 
+@functools.lru_cache(maxsize=1024)
+def _unit(unit: str) -> tuple[int, int]:
+    """``_parse`` of a market's tick, lot or asset unit: a handful of strings, parsed once each (every
+    order answer formats five or more amounts)."""
+    return _parse(unit, "unit", RejectCode.INVALID_AMOUNT)
+
+
 def _units(value: str, unit: str, what: str, code: RejectCode) -> int:
     v, vs = _parse(value, what, code)
-    u, us = _parse(unit, "unit", code)
+    try:
+        u, us = _unit(unit)
+    except PrecisionError as exc:
+        raise PrecisionError(str(exc), code) from None
     if u == 0:
         raise ValueError(f"unit {unit!r} must be positive")
     # value/unit = (v / 10**vs) / (u / 10**us) = v*10**us / (u*10**vs); must be a whole number.
@@ -627,7 +638,7 @@ def _units(value: str, unit: str, what: str, code: RejectCode) -> int:
 
 
 def _format(units: int, unit: str) -> str:
-    u, us = _parse(unit, "unit", RejectCode.INVALID_AMOUNT)
+    u, us = _unit(unit)
     n = units * u
     sign = "-" if n < 0 else ""
     n = abs(n)

@@ -441,10 +441,17 @@ def _after_request(response: Response[Any]) -> Response[Any]:
 # --- metrics middleware (pure ASGI: one histogram sample per request, labelled by route template) --
 
 
+_SERIES: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # (method, route, status class) -> its two series
+
+
 def observe_request(method: str, route: str, status: int, t0: float) -> None:
     """One request's latency sample and status-class count (``t0`` from ``time.perf_counter``)."""
-    M_LATENCY.labels(method, route).observe(time.perf_counter() - t0)
-    M_REQUESTS.labels(method, route, f"{status // 100}xx").inc()
+    key = (method, route, status // 100)
+    series = _SERIES.get(key)
+    if series is None:  # labels() takes a lock and builds the label tuple on every call
+        series = _SERIES[key] = (M_LATENCY.labels(method, route), M_REQUESTS.labels(method, route, f"{key[2]}xx"))
+    series[0].observe(time.perf_counter() - t0)
+    series[1].inc()
 
 
 def _metrics_middleware(app: Any) -> Any:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,12 +61,19 @@ _FILLS_PER_ACCOUNT = 1_000
 _MAX_ACCOUNTS = 100_000
 
 
+# Keyless commands: a random 96-bit prefix per process and a counter. As unique as a uuid4 per
+# command (two edge processes, or one restarted, draw different prefixes) without a urandom call,
+# which py-spy put at ~1.5% of the edge's CPU on the order path.
+_KEYLESS_PREFIX = secrets.token_hex(12)
+_keyless = itertools.count(1)
+
+
 def correlation_for(api_key: str, idem_key: str | None) -> str:
     """The command's ``Nats-Msg-Id``. With an Idempotency-Key it is derived from (api key, key), so a
     retry dedupes on the bus, while two API keys that happen to pick the same Idempotency-Key never
     collide in JetStream's duplicate window (which is global, not per key)."""
     if idem_key is None:
-        return uuid.uuid4().hex
+        return f"{_KEYLESS_PREFIX}{next(_keyless):x}"
     return f"{hashlib.sha256(api_key.encode()).hexdigest()[:16]}:{idem_key}"
 
 
