@@ -44,7 +44,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _PREFIX = "/v1/orders/"
 _POST_ROUTE = "/v1/orders"  # the Litestar route templates, as the metrics label them
-_DELETE_ROUTE = "/v1/orders/{order_id:int}"
+_DELETE_ROUTE = "/v1/orders/{order_id}"
 # The request headers this front reads; a request repeating one of them goes to Litestar.
 _READ = frozenset({b"x-api-key", b"x-ts", b"x-signature", b"idempotency-key", b"content-length",
                    b"transfer-encoding"})

@@ -21,7 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
+import pytest
 
+import edge.app
+import edge.fastpath
 from edge.app import MAX_BODY, create_app, master_key_path
 from edge.auth import SecretBox, signed_headers
 from edge.fastpath import FastOrders
@@ -249,8 +252,18 @@ def _marked(app: Any) -> Any:
     return asgi
 
 
-def test_fast_path_answers_as_litestar_does(edge_env: Env) -> None:
+def test_fast_path_answers_as_litestar_does(edge_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     env = edge_env
+    # Which request metrics each front records: (method, route label, status class) per request.
+    recorded: list[tuple[str, str, int]] = []
+    observe = edge.app.observe_request
+
+    def spy(method: str, route: str, status: int, t0: float) -> None:
+        recorded.append((method, route, status // 100))
+        observe(method, route, status, t0)
+
+    monkeypatch.setattr(edge.app, "observe_request", spy)
+    monkeypatch.setattr(edge.fastpath, "observe_request", spy)
     keys: dict[str, Any] = {}
     for name, acct, scopes in (("maker", 771_001, "read,trade"), ("taker", 771_002, "read,trade"),
                                ("reader", 771_001, "read"), ("limited", 771_003, "read,trade")):
@@ -260,17 +273,22 @@ def test_fast_path_answers_as_litestar_does(edge_env: Env) -> None:
     scenarios: list[tuple[str, Scenario]] = [("orders", _orders), ("auth", _auth), ("idempotency", _idempotency),
                                              ("handed_on", _handed_on), ("rate_limited", _rate_limited)]
 
+    metrics: list[tuple[str, list[tuple[str, str, int]], list[tuple[str, str, int]]]] = []
+
     async def main() -> list[tuple[str, list[Answer], list[Answer]]]:
         results = []
         async with _fronts(env) as (lit, fast, apps):
             px = await _prices(apps[0])
             for name, scenario in scenarios:
-                runs = []
+                runs, labels = [], []
                 for tag, front, app in (("L", lit, apps[0]), ("F", fast, apps[1])):
                     front.resting.clear()
                     ctx = dict(keys, px=px, state=app.state.edge, tag=f"{name}-{tag}-{time.time_ns()}")
+                    start = len(recorded)
                     runs.append(await scenario(front, ctx))
+                    labels.append(recorded[start:])
                 results.append((name, runs[0], runs[1]))
+                metrics.append((name, labels[0], labels[1]))
         return results
 
     results = asyncio.run(main())
@@ -283,6 +301,10 @@ def test_fast_path_answers_as_litestar_does(edge_env: Env) -> None:
                 assert b[3], f"{name}[{i}]: the fast path should have handed this request to Litestar"
             else:
                 assert not b[3], f"{name}[{i}]: the fast path handed a request it serves to Litestar: {b[:3]}"
+    for (name, answers, _), (_, lit_labels, fast_labels) in zip(results, metrics, strict=True):
+        if name != "handed_on":  # (Litestar records no sample for what its router refuses, e.g. a 405)
+            assert len(lit_labels) == len(answers), f"{name}: one latency sample per request: {lit_labels}"
+        assert lit_labels == fast_labels, f"{name}: request metrics differ: {lit_labels} vs {fast_labels}"
     # The scenarios reach what they are meant to (else equal answers would prove little).
     got = {name: [a[0] for a in la] for name, la, _ in results}
     assert got["orders"][:4] == [201, 201, 201, 201] and got["orders"][8:11] == [404, 200, 409], got["orders"]
