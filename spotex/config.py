@@ -241,6 +241,17 @@ class DrSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True)
     rpo_target_s: int = 0
 
 
+class ProcessesSection(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Niceness the supervisor adds to a component's process when it starts it (0..19, 0 = none),
+    # by component name (nats, postgres, kafka, core, core-standby, ledger, demo, exporter, jobs,
+    # edge); a process's children inherit it (PostgreSQL's backends). Giving what may lag behind the
+    # order path (settlement, export, the standby, PostgreSQL, the broker) a lower priority than the
+    # edge, the core and nats-server cut the paced 1,000 orders/s latency by a fifth to a third on
+    # two cores (docs/performance.md), at the price of settlement lag under load, which the
+    # settlement-lag policy bounds. Empty by default: a deployment choice.
+    nice: dict[str, int] = msgspec.field(default_factory=dict)
+
+
 def _default_assets() -> list[AssetSpec]:
     return [
         AssetSpec(symbol="BTC", decimals=8),
@@ -275,6 +286,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     security: SecuritySection = SecuritySection()
     demo: DemoSection = DemoSection()
     dr: DrSection = DrSection()
+    processes: ProcessesSection = ProcessesSection()
     assets: list[AssetSpec] = msgspec.field(default_factory=_default_assets)
     markets: list[MarketSpec] = msgspec.field(default_factory=_default_markets)
 
@@ -418,6 +430,14 @@ def _validate(cfg: Config) -> None:
     if cfg.core.replay_events < 4 * cfg.core.fetch_batch:
         raise ConfigError(f"core.replay_events: must be >= 4 * core.fetch_batch ({4 * cfg.core.fetch_batch}), "
                           f"got {cfg.core.replay_events!r}")
+    from spotex.services import SERVICES  # (spotex.services imports this module)
+
+    components = {"nats", "postgres", "kafka", *(s.name for s in SERVICES)}
+    for name, n in cfg.processes.nice.items():
+        if name not in components:
+            raise ConfigError(f"processes.nice: no component {name!r} (one of {', '.join(sorted(components))})")
+        if not 0 <= n <= 19:
+            raise ConfigError(f"processes.nice.{name}: must be between 0 and 19, got {n!r}")
     if cfg.edge.gc_gen0_threshold < 0:
         raise ConfigError(f"edge.gc_gen0_threshold: must be >= 0 (0 = Python's default), "
                           f"got {cfg.edge.gc_gen0_threshold!r}")

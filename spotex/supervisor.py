@@ -311,6 +311,12 @@ class Supervisor:
         logf = open(c.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         env = {**os.environ, **c.spec.env}
         env.setdefault("SPOTEX_DATA_DIR", str(self.data.root))
+        nice = self.cfg.processes.nice.get(c.name, 0)
+
+        def preexec() -> None:  # in the child, between fork and exec
+            _set_pdeathsig()
+            if nice:
+                os.nice(nice)
         try:
             c.proc = await asyncio.create_subprocess_exec(
                 *c.spec.argv,
@@ -320,11 +326,11 @@ class Supervisor:
                 env=env,
                 cwd=c.spec.cwd,
                 user=c.spec.user,
-                preexec_fn=_set_pdeathsig,
+                preexec_fn=preexec,
             )
         finally:
             logf.close()
-        log.info("started", extra={"component": c.name, "pid": c.proc.pid})
+        log.info("started", extra={"component": c.name, "pid": c.proc.pid, **({"nice": nice} if nice else {})})
 
     async def _wait_healthy(self, c: Component) -> None:
         deadline = time.monotonic() + c.start_timeout_s

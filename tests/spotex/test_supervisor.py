@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -89,10 +90,19 @@ def test_up_status_down_and_data_survives_restart(data_dir: Path) -> None:
     down = spotex_cli("status", "--json", "--data-dir", str(data_dir))
     assert down.returncode == 1 and json.loads(down.stdout)["healthy"] is False
 
-    # A second `up` on the same data dir sees the first one's data (JetStream and PostgreSQL).
-    with stack(data_dir) as st:
+    # A second `up` on the same data dir sees the first one's data (JetStream and PostgreSQL). This
+    # one lowers the priority of PostgreSQL and the ledger (processes.nice): the supervisor applies
+    # it to their processes, PostgreSQL's backends inherit it, the order path keeps its own.
+    base = os.nice(0)
+    with stack(data_dir, env={"SPOTEX_PROCESSES__NICE": '{"postgres": 7, "ledger": 10}'}) as st:
         data, v = asyncio.run(_read_marks(st.endpoint("nats"), st.endpoint("postgres")))
         assert data == b"mark" and v == "kept"
+        by_name = {c["name"]: c["pid"] for c in st.status()["components"]}
+        pg = psutil.Process(by_name["postgres"])
+        assert pg.nice() == base + 7 and pg.children() and all(k.nice() == base + 7 for k in pg.children())
+        assert psutil.Process(by_name["ledger"]).nice() == base + 10
+        for name in ("nats", "core", "edge"):
+            assert psutil.Process(by_name[name]).nice() == base, name
     assert _procs_using(data_dir) == []
 
 
