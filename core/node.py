@@ -347,7 +347,7 @@ class CoreNode:
                              on_commit=lambda s, n: M_FSYNC.observe(s))
 
         rec = recover(self.core_dir, checkpoint_every=self.opts.checkpoint_every,
-                      events_tail=self.opts.replay_events, open_wal=open_wal)
+                      events_tail=self.opts.replay_events, open_wal=open_wal, freeze=self.opts.freeze_heap)
         self.engine, self.state = rec.engine, rec.state
         self.recovered = {"last_seq": rec.engine.last_seq, "state_hash": rec.engine.state_hash(),
                           "snapshot_seq": rec.snapshot_seq, "replayed": rec.replayed,

@@ -203,3 +203,22 @@ def test_recover_stops_where_the_reader_says(tmp_path: Path) -> None:
     with pytest.raises(WalCorruption) as exc:
         recover(tmp_path, keep_events=False)
     assert str(seg) in str(exc.value) and exc.value.offset <= mid
+
+
+def test_freeze_moves_the_replayed_heap_out_of_the_collector_only_when_asked(tmp_path: Path) -> None:
+    import gc
+
+    stream = _stream(3, 300)
+    _write_wal(tmp_path, [JournalRecord(sc.seq, sc) for sc in stream])
+    assert gc.get_freeze_count() == 0  # nothing in the test process freezes its heap
+    try:
+        plain = recover(tmp_path, checkpoint_every=100, keep_events=False)
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
+        frozen = recover(tmp_path, checkpoint_every=100, keep_events=False, freeze=True)
+        # the replayed books and orders are frozen (at least one tracked object per order), the
+        # collector is on again, and the state is the same
+        assert gc.get_freeze_count() >= frozen.engine.open_order_count() > 0
+        assert gc.isenabled()
+        assert frozen.engine.state_hash() == plain.engine.state_hash()
+    finally:
+        gc.unfreeze()
