@@ -144,10 +144,12 @@ def recover(
     Without ``keep_events`` and ``on_events`` nothing is built.
 
     ``freeze`` (a service process that freezes its heap after recovery anyway: core.obs.freeze_heap)
-    moves everything the replay allocated out of the cyclic GC's generations (``gc.freeze``, a list
-    splice) before the collector is switched back on. Otherwise the first young collection after the
-    replay walks every object it made (~60 ms after 1M records) and the service's full collection
-    walks them again (~85 ms; with the freeze ~14 ms). Process-wide, so off for in-process callers.
+    moves everything the collector tracks, the replay's allocations included, out of its generations
+    (``gc.freeze``, a list splice) before it is switched back on. Otherwise the first young
+    collection after the replay walks every object it made (~60 ms after 1M records) and the
+    service's full collection walks them again (~85 ms; with the freeze ~14 ms). Cyclic garbage
+    that exists at that moment is then never collected (the replay makes none; the service's own
+    start-up leaves little). Process-wide, so off for in-process callers.
     """
     t0 = time.perf_counter()
     snap_dir, wal_dir = core_dir / "snapshots", core_dir / "wal"
