@@ -59,7 +59,7 @@ from edge.ratelimit import EdgeRateLimiter
 from spotex.config import Config, market_configs
 
 __all__ = ["MAX_BODY", "Call", "EdgeState", "create_app", "edge_state", "json_response", "observe_request",
-           "problem_stored", "render_error", "stored_response"]
+           "problem_stored", "render_error", "signed_target", "stored_response"]
 
 log = logging.getLogger("edge.app")
 
@@ -138,19 +138,23 @@ class EdgeState:
         c = request.client
         return c.host if c is not None else "unknown"
 
-    async def signed_parts(self, request: Request[Any, Any, Any]) -> tuple[str, bytes, str]:
-        """(client ip, raw body, signed target) of a signed request, after refusing a blocked IP."""
+    def refuse_blocked(self, ip: str) -> None:
+        """429 for an IP the limiter has blocked, before any signature work."""
         assert self.limiter is not None
-        ip = self.client_ip(request)
         blocked = self.limiter.ip_blocked(ip)
         if blocked is not None:
             blocked.raise_if_denied()
-        return ip, await request.body(), _target(request)
+
+    async def signed_parts(self, request: Request[Any, Any, Any]) -> tuple[str, bytes, str]:
+        """(client ip, raw body, signed target) of a signed request, after refusing a blocked IP."""
+        ip = self.client_ip(request)
+        self.refuse_blocked(ip)
+        return ip, await request.body(), signed_target(request.scope)
 
     async def call_of(self, request: Request[Any, Any, Any]) -> Call:
         """The parts of a Litestar request that authentication and idempotency read."""
         return Call(ip=self.client_ip(request), method=request.method, path=request.url.path,
-                    target=_target(request), body=await request.body(), headers=request.headers,
+                    target=signed_target(request.scope), body=await request.body(), headers=request.headers,
                     state=_scope_state(request.scope))
 
     async def authenticate(self, request: Request[Any, Any, Any], scope: str) -> Principal:
@@ -161,9 +165,7 @@ class EdgeState:
         """:meth:`authenticate` on a request's parts (the Litestar route and ``edge.fastpath`` both
         come here): a blocked IP first, then the signature, then the key's and the IP's buckets."""
         assert self.verifier is not None and self.limiter is not None
-        blocked = self.limiter.ip_blocked(call.ip)
-        if blocked is not None:
-            blocked.raise_if_denied()
+        self.refuse_blocked(call.ip)
         h = call.headers
         try:
             p = await self.verifier.verify(api_key=h.get("x-api-key"), ts=h.get("x-ts"),
@@ -335,10 +337,9 @@ def _scope_state(scope: Any) -> dict[str, Any]:
     return st
 
 
-def _target(request: Request[Any, Any, Any]) -> str:
+def signed_target(scope: Any) -> str:
     """The request target as the client signed it: raw path (not percent-decoded) and query."""
-    return path_with_query(request.scope.get("raw_path", request.scope["path"].encode()),
-                           request.scope.get("query_string", b""))
+    return path_with_query(scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""))
 
 
 def edge_state(request: Request[Any, Any, Any]) -> EdgeState:

@@ -31,8 +31,7 @@ from typing import Any
 
 import msgspec
 
-from edge.app import Call, EdgeState, observe_request, render_error
-from edge.auth import path_with_query
+from edge.app import Call, EdgeState, observe_request, render_error, signed_target
 from edge.idempotency import StoredResponse
 from edge.orders import PlaceOrderIn, cancel_call, place_call
 
@@ -110,9 +109,8 @@ class FastOrders:
         path: str = scope["path"]
         client = scope.get("client")
         state: dict[str, Any] = scope.setdefault("state", {})
-        call = Call(ip=client[0] if client else "unknown", method=method, path=path,
-                    target=path_with_query(scope.get("raw_path") or path.encode(), b""), body=body,
-                    headers=headers, state=state)
+        call = Call(ip=client[0] if client else "unknown", method=method, path=path, target=signed_target(scope),
+                    body=body, headers=headers, state=state)
         status = 500
         try:
             try:
