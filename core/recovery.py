@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from core.engine import Engine, replay_segment
+from core.engine.replay import OUT_OF_ORDER
 from core.snapshot import latest_valid_snapshot, write_snapshot
 from core.wal import WalWriter, iter_records
 from core.wire import Event, SequencedCommand
@@ -41,8 +42,8 @@ log = logging.getLogger("core.recovery")
 # How many CMD stream sequences a node remembers for de-duplicating redeliveries. A redelivery
 # happens within the consumer's AckWait of the original delivery, far inside this window.
 SOURCE_WINDOW = 500_000
-# recover() folds replayed source seqs into the window after a segment once this many have piled up
-# (memory bound).
+# recover() keeps at most SOURCE_WINDOW + this many replayed (source seq, seq) pairs before it trims
+# or folds them (memory bound); see _Replayer.
 _FOLD_EVERY = 1 << 18
 
 
@@ -231,15 +232,22 @@ def _replay(
         raise RuntimeError(f"WAL record {seq}: left over by the replay loop")
     engine.emit_events(True)  # the engine handed on always emits
     state.last_ts_ms = r.last_ts
-    _fold_sources(state, r.src_keys, r.src_seqs)
+    r.fold()
     return r.replayed, min(max(events_from, snapshot_seq + 1), engine.last_seq + 1), r.events or []
 
 
 class _Replayer:
     """The WAL reader's consumer during recovery: each segment's records go to the engine's replay
-    loop (core/engine/replay.py, compiled with the engine when it is), one call per segment. The
-    sequencer's state is folded in afterwards (see _fold_sources), which gives exactly what
-    NodeState.record would have built one record at a time."""
+    loop (core/engine/replay.py, compiled with the engine when it is), one call per segment.
+
+    The sequencer's window is built from the replayed (source seq, seq) pairs afterwards, which gives
+    exactly what NodeState.record would have built one record at a time. Source seqs normally rise
+    (one leader sequences CMD in stream order); the loop says whether they all did, above every key
+    already in the window. While they do, every key is new, so the window ends as the newest
+    SOURCE_WINDOW pairs: the lists are only trimmed to that (a C-level slice delete) and the window
+    is built once at the end, instead of inserting every pair into the OrderedDict and evicting the
+    older half (~0.3 s of a million-record replay). From the first source seq that does not rise
+    (redeliveries after a failover) the pairs are folded in order by _fold_sources."""
 
     def __init__(self, engine: Engine, state: NodeState, loud_at: int, events: list[Event] | None,
                  on_events: Callable[[list[Event]], None] | None) -> None:
@@ -252,19 +260,36 @@ class _Replayer:
         self.replayed = 0
         self.src_keys: list[int] = []  # (source_seq, seq) pairs of the replayed records, as two lists
         self.src_seqs: list[int] = []
+        # the last source seq while they rise above the window's keys, else OUT_OF_ORDER
+        self.last_src = max(state.sources, default=0)
         engine.emit_events(loud_at == 0)
 
     def __call__(self, data: bytes, off: int, expected: int, apply_from: int) -> tuple[int, int]:
-        off, expected, self.last_ts, n = replay_segment(
+        off, expected, self.last_ts, n, self.last_src = replay_segment(
             self.engine, data, off, expected, apply_from, self.loud_at, _rec_dec.decode, self.src_keys,
-            self.src_seqs, self.events, self.on_events, self.last_ts,
+            self.src_seqs, self.events, self.on_events, self.last_ts, self.last_src,
         )
         self.replayed += n
-        if len(self.src_keys) >= _FOLD_EVERY:  # bounded memory on a long tail
-            _fold_sources(self.state, self.src_keys, self.src_seqs)
-            self.src_keys.clear()
-            self.src_seqs.clear()
+        excess = len(self.src_keys) - SOURCE_WINDOW
+        if self.last_src != OUT_OF_ORDER:
+            if excess >= _FOLD_EVERY:  # bounded memory: the older pairs can no longer be in the window
+                del self.src_keys[:excess]
+                del self.src_seqs[:excess]
+        elif len(self.src_keys) >= _FOLD_EVERY:
+            self.fold()
         return off, expected
+
+    def fold(self) -> None:
+        """Fold the pairs replayed so far into ``state.sources`` and clear them."""
+        keys, seqs, state = self.src_keys, self.src_seqs, self.state
+        # After a trim the lists still start with SOURCE_WINDOW new rising keys, which evict
+        # whatever state.sources holds before any later pair is folded: trimming changes nothing.
+        if self.last_src != OUT_OF_ORDER and len(keys) >= SOURCE_WINDOW:
+            state.sources = OrderedDict(zip(keys[-SOURCE_WINDOW:], seqs[-SOURCE_WINDOW:], strict=True))
+        else:
+            _fold_sources(state, keys, seqs)
+        keys.clear()
+        seqs.clear()
 
 
 def _fold_sources(state: NodeState, keys: list[int], seqs: list[int]) -> None:

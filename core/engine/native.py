@@ -200,9 +200,10 @@ def _verify_replay(native: ModuleType, replay: Callable[..., Any], stream: list[
     eng = native.Engine(checkpoint_every=97)
     eng.emit_events(False)
     keys: list[int] = []
-    off, expected, _ts, applied = replay(eng, data, SEGMENT_HEADER_SIZE, 1, 1, len(stream) // 2, _rec_dec.decode,
-                                         keys, [], None, None, 0)
-    if (off, expected, applied) != (len(data), len(stream) + 1, len(stream)) or len(keys) != len(stream):
+    off, expected, _ts, applied, last_src = replay(eng, data, SEGMENT_HEADER_SIZE, 1, 1, len(stream) // 2,
+                                                   _rec_dec.decode, keys, [], None, None, 0, 0)
+    if (off, expected, applied, last_src) != (len(data), len(stream) + 1, len(stream), len(stream)) \
+            or len(keys) != len(stream):
         raise AssertionError(f"the replay loop stopped at offset {off} (seq {expected}) of {len(data)}")
     if eng.snapshot() != want:
         raise AssertionError("the replay loop over a WAL segment ends in another state")

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from core.engine.engine import Engine
 from core.wal import RECORD_HEADER, RECORD_HEADER_SIZE
 from core.wire import Event
 
-__all__ = ["replay_segment"]
+__all__ = ["OUT_OF_ORDER", "replay_segment"]
 
-# (offset of the first record not taken, its expected seq, newest ts_ms seen, records applied)
-Progress = tuple[int, int, int, int]
+# (offset of the first record not taken, its expected seq, newest ts_ms seen, records applied,
+#  the last source seq appended, or OUT_OF_ORDER)
+Progress = tuple[int, int, int, int, int]
+
+# Sticky: once a source seq is not above the one before it, every later comparison keeps this.
+OUT_OF_ORDER: Final = 1 << 62
 
 
 def replay_segment(
@@ -41,12 +45,15 @@ def replay_segment(
     keep: list[Event] | None,
     on_events: Callable[[list[Event]], None] | None,
     last_ts: int,
+    last_src: int,
 ) -> Progress:
     """Apply the records of ``data`` from ``off`` (whose seq must be ``expected``) with seq >=
     ``apply_from``, until the end or the first record that fails the check. Events are switched
     on at seq ``loud_at`` (the engine's current setting otherwise), kept in ``keep`` and passed to
     ``on_events`` when given. Each record's (source seq, seq) goes to ``src_keys``/``src_seqs``
-    when it has a source (see core.recovery._fold_sources)."""
+    when it has a source (see core.recovery._fold_sources). ``last_src`` is the previous source seq
+    (or the highest one already known); it comes back as the last one appended while every source
+    seq has been above the one before it, and as ``OUT_OF_ORDER`` from the first that is not."""
     size = len(data)
     mv = memoryview(data)
     unpack = RECORD_HEADER.unpack_from
@@ -72,6 +79,7 @@ def replay_segment(
                 last_ts = ts
             src: int = rec.source_seq
             if src:
+                last_src = src if src > last_src else OUT_OF_ORDER
                 src_keys.append(src)
                 src_seqs.append(seq)
             if keep is not None:
@@ -81,4 +89,4 @@ def replay_segment(
             applied += 1
         expected = seq + 1
         off = end
-    return off, expected, last_ts, applied
+    return off, expected, last_ts, applied, last_src

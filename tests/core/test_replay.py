@@ -62,10 +62,13 @@ def test_deferred_recent_orders_answer_as_eager_indexing(cap: int) -> None:
     assert eager.state_hash() == lazy.state_hash()
 
 
-def _write_wal(core_dir: Path, recs: list[JournalRecord]) -> None:
-    with WalWriter(core_dir / "wal", fsync=False) as wal:
+def _write_wal(core_dir: Path, recs: list[JournalRecord], segment_bytes: int | None = None) -> None:
+    kw = {} if segment_bytes is None else {"segment_bytes": segment_bytes}
+    with WalWriter(core_dir / "wal", fsync=False, **kw) as wal:
         for r in recs:
             wal.append(r.cmd.seq, encode_record(r))
+            if segment_bytes is not None and r.cmd.seq % 8 == 0:
+                wal.commit()  # a segment rolls at a commit
         wal.commit()
 
 
@@ -89,6 +92,59 @@ def test_recovered_sources_equal_record_by_record(tmp_path: Path, monkeypatch: p
     for r in recs:
         want.record(r)
     assert got.state.last_ts_ms == want.last_ts_ms
+    assert list(got.state.sources.items()) == list(want.sources.items())
+    assert isinstance(got.state.sources, OrderedDict)
+
+
+# (seq of a source seq seen before, how far back it was seen, seq from which one key repeats 15 times)
+_DISORDER = {
+    "rising": (None, 0, None),
+    "repeat-in-snapshot": (20, 2, 30),
+    "snapshot-key-first": (61, 3, None),  # the tail's first record repeats a key of the snapshot's window
+    "repeat-mid": (300, 2, 310),
+    "repeat-last": (598, 2, None),
+    "repeat-after-run": (598, 20, 580),  # the first sight is followed by fewer new keys than the window
+}
+
+
+@pytest.mark.parametrize("window", [5, 40, 10_000, "tail"])
+@pytest.mark.parametrize("case", sorted(_DISORDER))
+@pytest.mark.parametrize("fold_every", [3, 50])
+def test_recovered_sources_from_a_snapshot_over_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        window: int | str, case: str, fold_every: int) -> None:
+    """The window a snapshot holds, then a WAL tail over many segments whose source seqs rise
+    (trimmed, built once at the end) until a key seen before comes back: one the window may
+    still hold (the first one of the tail: one of the snapshot's window), a key below the others,
+    and a run of one key. Same result as record by record. ``window="tail"``: as many as the tail
+    has sources, so a repeat at the tail's start is still inside the final window."""
+    disorder_at, back, run_from = _DISORDER[case]
+    stream = _stream(9, 600)
+    cut = 60  # the snapshot covers seqs 1..cut
+    recs = []
+    for sc in stream:
+        src = 5_000 + 3 * sc.seq if sc.seq % 5 else 0
+        if sc.seq == disorder_at:  # a key seen before, not the newest in the window
+            src = 5_000 + 3 * (sc.seq - back)
+        elif disorder_at is not None and sc.seq == disorder_at + 7:
+            src = 5_000 + 3 * (sc.seq - 1) + 1  # new, but below the one before it
+        elif run_from is not None and run_from <= sc.seq < run_from + 15:
+            src = 1_000_000  # one key again and again
+        recs.append(JournalRecord(src, sc))
+    monkeypatch.setattr(recovery, "SOURCE_WINDOW",
+                        window if isinstance(window, int) else sum(1 for r in recs[cut:] if r.source_seq))
+    monkeypatch.setattr(recovery, "_FOLD_EVERY", fold_every)
+    want = NodeState()
+    eng = Engine()
+    for r in recs[:cut]:
+        eng.apply(r.cmd)
+        want.record(r)
+    take_snapshot(tmp_path, eng, want)
+    _write_wal(tmp_path, recs, segment_bytes=2_048)  # the covered segments are not retired yet
+    assert len(list((tmp_path / "wal").glob("*.log"))) > 10
+    got = recover(tmp_path, keep_events=False)
+    for r in recs[cut:]:
+        want.record(r)
+    assert got.replayed == len(recs) - cut
     assert list(got.state.sources.items()) == list(want.sources.items())
     assert isinstance(got.state.sources, OrderedDict)
 
