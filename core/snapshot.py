@@ -8,8 +8,8 @@ to and including ``seq``. File layout (little endian, 40-byte header)::
     12  u32  flags        0
     16  u64  seq
     24  u64  length       payload length in bytes
-    32  u32  payload_crc  zlib.crc32 of the payload
-    36  u32  header_crc   zlib.crc32 of bytes [0:36]
+    32  u32  payload_crc  CRC-32 (zlib's) of the payload
+    36  u32  header_crc   CRC-32 (zlib's) of bytes [0:36]
     40  ...  payload
 
 The sidecar ``snapshot-<seq:020d>.bin.sha256`` holds ``<sha256 hex of the whole file>  <file
@@ -27,10 +27,11 @@ import os
 import re
 import secrets
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+from core.crc import crc32
 
 __all__ = [
     "SNAPSHOT_HEADER_SIZE",
@@ -122,8 +123,8 @@ def _write_file_durably(path: Path, *chunks: bytes) -> None:
 
 
 def _encode_header(seq: int, payload: bytes) -> bytes:
-    head = _HDR.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, seq, len(payload), zlib.crc32(payload), 0)[:-4]
-    return head + struct.pack("<I", zlib.crc32(head))
+    head = _HDR.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, seq, len(payload), crc32(payload), 0)[:-4]
+    return head + struct.pack("<I", crc32(head))
 
 
 def write_snapshot(directory: str | os.PathLike[str], seq: int, payload: bytes) -> Path:
@@ -182,7 +183,7 @@ def _check(path: Path, sha256_file: Path | None, require_sidecar: bool) -> tuple
     magic, version, _flags, seq, length, payload_crc, header_crc = _HDR.unpack_from(data, 0)
     if magic != SNAPSHOT_MAGIC:
         return bad(f"bad magic {magic!r}")
-    if zlib.crc32(data[: SNAPSHOT_HEADER_SIZE - 4]) != header_crc:
+    if crc32(data[: SNAPSHOT_HEADER_SIZE - 4]) != header_crc:
         return bad("header checksum mismatch")
     if version != SNAPSHOT_VERSION:
         return bad(f"unsupported snapshot version {version}", seq)
@@ -194,7 +195,7 @@ def _check(path: Path, sha256_file: Path | None, require_sidecar: bool) -> tuple
         what = "truncated" if found < length else "trailing bytes"
         return bad(f"{what}: header says {length} payload bytes, file has {found}", seq)
     payload = data[SNAPSHOT_HEADER_SIZE:]
-    if zlib.crc32(payload) != payload_crc:
+    if crc32(payload) != payload_crc:
         return bad("payload checksum mismatch", seq)
     sidecar = sha256_file if sha256_file is not None else _sidecar_for(path)
     expected = _read_sidecar(sidecar)

@@ -20,9 +20,9 @@ Recovery rules (see docs/durability.md for the rationale):
 
 Record layout (little endian, 20-byte header)::
 
-    0   u32  header_crc   zlib.crc32 of bytes [4:20] (length, payload_crc, seq)
+    0   u32  header_crc   CRC-32 (zlib's) of bytes [4:20] (length, payload_crc, seq)
     4   u32  length       payload length in bytes
-    8   u32  payload_crc  zlib.crc32 of bytes [12:20+length] (seq followed by the payload)
+    8   u32  payload_crc  CRC-32 (zlib's) of bytes [12:20+length] (seq followed by the payload)
     12  u64  seq
     20  ...  payload
 
@@ -41,11 +41,12 @@ import os
 import re
 import struct
 import time
-import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from core.crc import crc32
 
 __all__ = [
     "DEFAULT_SEGMENT_BYTES",
@@ -80,7 +81,7 @@ FORMAT_VERSION = 1
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 MAX_PAYLOAD_BYTES = 1 << 30
 
-# magic, version, first_seq, crc32 of the first 20 bytes
+# magic, version, first_seq, CRC-32 of the first 20 bytes
 _SEG_HDR = struct.Struct("<8sIQI")
 SEGMENT_HEADER_SIZE = _SEG_HDR.size
 # header_crc, length, payload_crc, seq
@@ -172,14 +173,14 @@ def list_segments(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
 
 def encode_record(seq: int, payload: bytes) -> bytes:
     """One record exactly as the writer lays it out (for tests and tools)."""
-    pcrc = zlib.crc32(payload, zlib.crc32(_U64.pack(seq)))
+    pcrc = crc32(payload, crc32(_U64.pack(seq)))
     tail = _REC_TAIL.pack(len(payload), pcrc, seq)
-    return _U32.pack(zlib.crc32(tail)) + tail + payload
+    return _U32.pack(crc32(tail)) + tail + payload
 
 
 def _encode_segment_header(first_seq: int) -> bytes:
     head = _SEG_HDR.pack(SEGMENT_MAGIC, FORMAT_VERSION, first_seq, 0)[:-4]
-    return head + _U32.pack(zlib.crc32(head))
+    return head + _U32.pack(crc32(head))
 
 
 def _check_segment_header(path: Path, data: bytes, first_seq: int) -> None:
@@ -189,7 +190,7 @@ def _check_segment_header(path: Path, data: bytes, first_seq: int) -> None:
     magic, version, hdr_first, crc = _SEG_HDR.unpack_from(data, 0)
     if magic != SEGMENT_MAGIC:
         raise WalCorruption(path, 0, f"bad segment magic {magic!r}")
-    if zlib.crc32(data[: SEGMENT_HEADER_SIZE - 4]) != crc:
+    if crc32(data[: SEGMENT_HEADER_SIZE - 4]) != crc:
         raise WalCorruption(path, 0, "segment header checksum mismatch")
     if version != FORMAT_VERSION:
         raise WalCorruption(path, 0, f"unsupported segment format version {version}")
@@ -292,7 +293,7 @@ def _classify(path: Path, data: bytes, off: int, expected: int, is_last: bool) -
     else:
         hcrc, length, pcrc, seq = _REC_HDR.unpack_from(data, off)
         end = off + hs + length
-        if zlib.crc32(data[off + 4 : off + hs]) != hcrc:
+        if crc32(data[off + 4 : off + hs]) != hcrc:
             # The length is untrusted, so "does this record end at EOF" cannot be answered: a
             # flipped length bit can point exactly at EOF and swallow acknowledged records. Only
             # a zero-filled tail that starts inside this header (unwritten blocks after a power
@@ -304,7 +305,7 @@ def _classify(path: Path, data: bytes, off: int, expected: int, is_last: bool) -
             raise WalCorruption(path, off, f"seq discontinuity: expected {expected}, found {seq}")
         elif end > size:
             reason = f"short payload ({remaining - hs} of {length} bytes)"
-        elif zlib.crc32(data[off + 12 : end]) != pcrc:
+        elif crc32(data[off + 12 : end]) != pcrc:
             if not (is_last and (end == size or _zero_from(data, end))):
                 raise WalCorruption(path, off, f"payload checksum mismatch (seq {seq})" + _where(is_last))
             reason = "payload checksum mismatch in the last record"
@@ -337,7 +338,7 @@ def _records(
     size = len(data)
     mv = memoryview(data)
     unpack = _REC_HDR.unpack_from
-    crc32 = zlib.crc32
+    crc = crc32
     hs = RECORD_HEADER_SIZE
     off = SEGMENT_HEADER_SIZE
     expected = first_seq
@@ -354,8 +355,8 @@ def _records(
             if (
                 seq == expected
                 and end <= size
-                and crc32(mv[off + 12 : end]) == pcrc
-                and (not strict or crc32(mv[off + 4 : off + hs]) == hcrc)
+                and crc(mv[off + 12 : end]) == pcrc
+                and (not strict or crc(mv[off + 4 : off + hs]) == hcrc)
             ):
                 if seq >= yield_from:
                     yield seq, data[off + hs : end]
@@ -676,10 +677,10 @@ class WalWriter:
         n = len(payload)
         if n > MAX_PAYLOAD_BYTES:
             raise ValueError(f"payload of {n} bytes exceeds {MAX_PAYLOAD_BYTES}")
-        crc32 = zlib.crc32
-        tail = _REC_TAIL.pack(n, crc32(payload, crc32(_U64.pack(seq))), seq)
+        crc = crc32
+        tail = _REC_TAIL.pack(n, crc(payload, crc(_U64.pack(seq))), seq)
         buf = self._buf
-        buf += _U32.pack(crc32(tail))
+        buf += _U32.pack(crc(tail))
         buf += tail
         buf += payload
         self._next_seq = seq + 1

@@ -78,12 +78,14 @@ def _native_order(match: re.Match[str]) -> str:
 
 
 def _rewrite(text: str) -> str:
-    """The compiled copy's only differences: it imports its own book, and ``Order`` is a dataclass
+    """The compiled copy's only differences: it imports its own book, its replay loop says it is
+    compiled (``replay.COMPILED``: it then reads record headers byte by byte), and ``Order`` is a dataclass
     with a compiled ``__init__`` (a native class under mypyc, with direct attribute access) instead
     of a msgspec Struct (the faster shape in pure Python). Order never leaves the engine, is never
     encoded, and compares field by field either way; the differential check in :func:`verify`
     covers the rest."""
     text = re.sub(r"^from core\.engine\.(book|engine) import", rf"from {PACKAGE}.\1 import", text, flags=re.M)
+    text = re.sub(r"^COMPILED: Final = False$", "COMPILED: Final = True", text, flags=re.M)  # replay.py
     text, n = _ORDER_CLASS.subn(_native_order, text)
     if n:
         text = re.sub(r"^import msgspec$", "from dataclasses import dataclass", text, count=1, flags=re.M)

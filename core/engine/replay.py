@@ -14,10 +14,10 @@ directly. Uncompiled it is the same loop in Python.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import Any, Final
 
+from core.crc import crc32 as _crc32
 from core.engine.engine import Engine
 from core.wal import RECORD_HEADER, RECORD_HEADER_SIZE
 from core.wire import Event
@@ -27,6 +27,11 @@ __all__ = ["OUT_OF_ORDER", "replay_segment"]
 # (offset of the first record not taken, its expected seq, newest ts_ms seen, records applied,
 #  the last source seq appended, or OUT_OF_ORDER)
 Progress = tuple[int, int, int, int, int]
+
+# True only in the compiled copy (core/engine/native.py rewrites this line): compiled, the header's
+# fields are read byte by byte as native ints (no tuple, no boxed ints, ~2.5% of a compiled replay);
+# interpreted, one struct unpack is far cheaper than sixteen indexing operations.
+COMPILED: Final = False
 
 # Sticky: once a source seq is not above the one before it, every later comparison keeps this.
 OUT_OF_ORDER: Final = 1 << 62
@@ -57,14 +62,21 @@ def replay_segment(
     size = len(data)
     mv = memoryview(data)
     unpack = RECORD_HEADER.unpack_from
-    crc32 = zlib.crc32
+    crc32 = _crc32
     hs: int = RECORD_HEADER_SIZE
     applied = 0
+    native_reads = COMPILED
     while size - off >= hs:
-        hdr: tuple[int, int, int, int] = unpack(data, off)
-        seq = hdr[3]
-        end = off + hs + hdr[1]
-        if seq != expected or end > size or crc32(mv[off + 12 : end]) != hdr[2]:
+        # RECORD_HEADER: header crc u32, length u32, payload crc u32, seq u64 (little endian)
+        if native_reads:
+            length = data[off + 4] | data[off + 5] << 8 | data[off + 6] << 16 | data[off + 7] << 24
+            pcrc = data[off + 8] | data[off + 9] << 8 | data[off + 10] << 16 | data[off + 11] << 24
+            seq = (data[off + 12] | data[off + 13] << 8 | data[off + 14] << 16 | data[off + 15] << 24
+                   | data[off + 16] << 32 | data[off + 17] << 40 | data[off + 18] << 48 | data[off + 19] << 56)
+        else:
+            _hcrc, length, pcrc, seq = unpack(data, off)
+        end = off + hs + length
+        if seq != expected or end > size or crc32(mv[off + 12 : end]) != pcrc:
             break
         if seq >= apply_from:
             if seq == loud_at:

@@ -146,6 +146,8 @@ def test_a_present_build_equals_the_pure_engine(tmp_path_factory: pytest.TempPat
     assert mod.Engine is not PureEngine
     loop = native.replay_module()
     assert str(loop.__file__).endswith(".so")
+    assert loop.COMPILED is True
+    _stops_where_the_reader_does(mod.Engine, loop.replay_segment)
     res_v = native.verify(mod, seeds=(11, 12), commands=2_000, replay=loop.replay_segment)
     assert res_v["commands"] > 4_000
     bench = spotex_cli("bench", "engine", "--commands", "20000", "--json", timeout=300)  # inherits the env set above
@@ -172,6 +174,53 @@ def test_a_present_build_equals_the_pure_engine(tmp_path_factory: pytest.TempPat
     )
     assert suite.returncode == 0, suite.stdout[-3000:]
     assert " passed" in suite.stdout and "skipped" not in suite.stdout
+
+
+def replay_segment_module() -> Any:
+    import core.engine.replay as mod
+
+    return mod
+
+
+def _stops_where_the_reader_does(engine_cls: Any, loop: Any) -> None:
+    """A replay loop takes every whole, intact record in order and stops at the first that is not:
+    a damaged payload byte, a damaged length, a seq out of order, a torn last record."""
+    from core.recovery import JournalRecord, _rec_dec, encode_record
+    from core.wal import SEGMENT_HEADER_SIZE
+    from core.wal import encode_record as frame
+
+    stream = [SequencedCommand(seq=i, ts_ms=1_700_000_000_000 + i, fencing_token=1, correlation_id=f"s{i}",
+                               command=Deposit(account_id=7, asset="USDT", amount=i))
+              for i in range(1, 7)]
+    recs = [frame(sc.seq, encode_record(JournalRecord(sc.seq + 2**33, sc))) for sc in stream]
+    starts = [SEGMENT_HEADER_SIZE + sum(len(r) for r in recs[:i]) for i in range(len(recs) + 1)]
+
+    def run(data: bytes) -> tuple[int, int, int]:
+        eng = engine_cls()
+        keys: list[int] = []
+        off, expected, _ts, applied, _src = loop(eng, data, SEGMENT_HEADER_SIZE, 1, 1, 1 << 62, _rec_dec.decode,
+                                                 keys, [], None, None, 0, 0)
+        assert keys == [sc.seq + 2**33 for sc in stream[:applied]]
+        return off, expected, applied
+
+    whole = bytes(SEGMENT_HEADER_SIZE) + b"".join(recs)
+    assert run(whole) == (starts[6], 7, 6)
+    payload_byte = bytearray(whole)
+    payload_byte[starts[4] - 3] ^= 0x40  # inside record 4's payload
+    assert run(bytes(payload_byte)) == (starts[3], 4, 3)
+    length = bytearray(whole)
+    length[starts[2] + 5] ^= 0x01  # record 3's length, second byte
+    assert run(bytes(length)) == (starts[2], 3, 2)
+    order = bytes(SEGMENT_HEADER_SIZE) + recs[0] + recs[2]
+    assert run(order) == (starts[1], 2, 1)
+    assert run(whole[: starts[5] + 9]) == (starts[5], 6, 5)  # torn inside record 6's header
+    assert run(whole[:-1]) == (starts[5], 6, 5)  # torn inside record 6's payload
+    # seqs past 32 bits (records below apply_from are checked and walked, not applied)
+    base = 0x0102_0304_0506_0708  # every byte of it differs
+    high = bytes(SEGMENT_HEADER_SIZE) + b"".join(frame(base + i, r[20:]) for i, r in enumerate(recs))
+    off, expected, _ts, applied, _src = loop(engine_cls(), high, SEGMENT_HEADER_SIZE, base, 1 << 62, 1 << 62,
+                                             _rec_dec.decode, [], [], None, None, 0, 0)
+    assert (off, expected, applied) == (len(high), base + 6, 0)
 
 
 def test_the_rewritten_sources_are_the_same_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,6 +255,9 @@ def test_the_rewritten_sources_are_the_same_engine(tmp_path: Path, monkeypatch: 
         assert rengine.Order is rbook.Order
         rreplay = importlib.import_module(f"{native.PACKAGE}.replay")
         assert rreplay.Engine is rengine.Engine
+        assert rreplay.COMPILED is True and replay_segment_module().COMPILED is False
+        _stops_where_the_reader_does(rengine.Engine, rreplay.replay_segment)  # the byte-by-byte header reads
+        _stops_where_the_reader_does(PureEngine, replay_segment_module().replay_segment)
         assert native.verify(rengine, seeds=(5,), commands=1_500, replay=rreplay.replay_segment)["commands"] > 1_500
     finally:
         for name in [m for m in sys.modules if m == native.PACKAGE or m.startswith(native.PACKAGE + ".")]:
