@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -699,3 +700,80 @@ def test_kill_9_loses_no_acknowledged_record(tmp_path: Path) -> None:
         w.append(w.next_seq, b"after the crashes")
         w.commit()
     assert scan(tmp_path).last_seq == info.last_seq + 1
+
+
+# --------------------------------------------------------------------------------------------
+# the bulk consumer path (recovery's replay loop) reads segments a chunk at a time
+
+
+def _collecting_consumer(taken: list[tuple[int, bytes]]) -> wal.Consumer:
+    """A consumer with the replay loop's check: takes records while seq, bounds and payload
+    checksum hold, from ``yield_from`` on."""
+
+    def consume(data: bytes, off: int, expected: int, yield_from: int) -> tuple[int, int]:
+        hs = RECORD_HEADER_SIZE
+        while len(data) - off >= hs:
+            _hcrc, length, pcrc, seq = wal.RECORD_HEADER.unpack_from(data, off)
+            end = off + hs + length
+            if seq != expected or end > len(data) or zlib.crc32(data[off + 12 : end]) != pcrc:
+                break
+            if seq >= yield_from:
+                taken.append((seq, data[off + hs : end]))
+            expected, off = seq + 1, end
+        return off, expected
+
+    return consume
+
+
+def _outcome(d: Path, from_seq: int, consume: bool, caplog: pytest.LogCaptureFixture) -> tuple[object, ...]:
+    taken: list[tuple[int, bytes]] = []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="core.wal"):
+        try:
+            if consume:
+                left = list(iter_records(d, from_seq, consume=_collecting_consumer(taken)))
+                assert left == []  # the consumer takes every record the reader's check accepts
+            else:
+                for rec in iter_records(d, from_seq):  # what was yielded before an error counts too
+                    taken.append(rec)
+            err: tuple[object, ...] | None = None
+        except WalCorruption as exc:
+            err = (type(exc).__name__, str(exc), exc.offset)
+    return taken, err, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 333, 1 << 20])
+def test_the_chunked_consumer_path_reads_what_the_reader_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture, chunk: int) -> None:
+    """Whatever the damage, handing segments to a consumer a chunk at a time (records spanning
+    chunks, chunks smaller than a record or a header) takes exactly the records the plain reader
+    yields, and stops with the same torn-tail warning or the same corruption (file, offset,
+    message)."""
+    monkeypatch.setattr(wal, "_CHUNK", chunk)
+    pristine = tmp_path / "p"
+    write_log(pristine, 90, batch=4, segment_bytes=1_500)
+    segments = [p for _, p in list_segments(pristine)]
+    assert len(segments) >= 4
+    last = segments[-1]
+    damages: list[tuple[str, Path, int]] = [("none", last, 0)]
+    for p in (segments[1], last):
+        size = p.stat().st_size
+        damages += [("flip", p, pos) for pos in range(0, size, 7 if p is last else 23)]
+    damages += [("cut", last, n) for n in range(1, last.stat().st_size - SEGMENT_HEADER_SIZE + 1, 5)]
+    damages += [("zero", last, n) for n in (1, 19, 20, 21, 60)]
+    d = tmp_path / "d"
+    for kind, p, n in damages:
+        shutil.copytree(pristine, d)
+        seg = d / p.name
+        if kind == "flip":
+            flip_byte(seg, n)
+        elif kind == "cut":
+            truncate_tail(d, n)
+        elif kind == "zero":
+            with open(seg, "r+b") as f:
+                f.seek(-n, os.SEEK_END)
+                f.write(bytes(n))
+        for from_seq in (1, 40):
+            want = _outcome(d, from_seq, False, caplog)
+            assert _outcome(d, from_seq, True, caplog) == want, (kind, p.name, n, from_seq)
+        shutil.rmtree(d)
