@@ -323,7 +323,6 @@ def _records(
     is_last: bool,
     yield_from: int,
     strict: bool = False,
-    consume: Consumer | None = None,
     resume: tuple[int, int] | None = None,
 ) -> Generator[tuple[int, bytes], None, _SegmentEnd]:
     """Yield the segment's records with seq >= yield_from; return where the valid data ends.
@@ -333,9 +332,8 @@ def _records(
     otherwise a flipped bit in a header_crc field of an intact record goes unnoticed, which
     costs nothing, as every byte that matters is covered by the payload checksum.
 
-    ``consume`` (see :data:`Consumer`) takes the records first, as many as pass the same check
-    as the loop below; the loop then goes on from where it stopped, classifying that record.
-    ``resume`` (offset, seq): a consumer already took the records before that offset.
+    ``resume`` (offset, seq): a consumer (_consume_chunked) already took the records before that
+    offset; the loop goes on from there, classifying the record the consumer stopped at.
     """
     size = len(data)
     mv = memoryview(data)
@@ -344,8 +342,6 @@ def _records(
     hs = RECORD_HEADER_SIZE
     off, expected = (SEGMENT_HEADER_SIZE, first_seq) if resume is None else resume
     torn: str | None = None
-    if consume is not None:
-        off, expected = consume(data, off, expected, yield_from)
     while off < size:
         # Fast path, one checksum per record: the payload checksum covers seq and payload, and
         # a damaged length would make it run over the wrong bytes and fail. The header checksum
@@ -491,14 +487,14 @@ def _walk(
                     0,
                     f"seq discontinuity: previous segment ends at {prev_last}, this one starts at {first}",
                 )
+            end: _SegmentEnd | None = None
             resume: tuple[int, int] | None = None
             if consume is not None:
                 taken_to, next_seq, size = _consume_chunked(path, first, yield_from, consume)
-                resume = (taken_to, next_seq)
-                # every record taken: nothing to classify; else the whole segment from there on
-                end = _SegmentEnd(size, next_seq - 1) if taken_to == size else None
-            else:
-                end = None
+                if taken_to == size:  # every record taken: nothing to classify
+                    end = _SegmentEnd(size, next_seq - 1)
+                else:  # the whole segment, classified from the record the consumer stopped at
+                    resume = (taken_to, next_seq)
             if end is None:
                 data = path.read_bytes()
                 if resume is None:
